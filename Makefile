@@ -1,0 +1,45 @@
+# chatforge: the README's commands. `make demo` and `make test` each run `setup` first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+# CPU wheel by default (it lies on disk on our CI machines); GPU hosts: make setup TORCH_SPEC="torch==2.13.0"
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast bench lint format clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first: a plain `torch` requirement would pull a multi-GB CUDA build
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/chatforge curate pipelines/quickstart.yaml
+
+test: setup
+	$(BIN)/python -m pytest -m "not gpu" --timeout=900 $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not gpu" --timeout=600 $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/curate.py --json
+
+lint: setup
+	$(BIN)/ruff check platform tests benchmarks
+	$(BIN)/ruff format --check platform tests benchmarks
+
+format: setup
+	$(BIN)/ruff format platform tests benchmarks
+	$(BIN)/ruff check --fix platform tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

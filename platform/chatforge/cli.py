@@ -1,0 +1,110 @@
+"""The `chatforge` command line: each command loads a spec, applies overrides, runs on Ray, prints a summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from chatforge.config import SourceSpec, SpecError, load_spec
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train and run chat assistants on Ray.")
+console = Console(stderr=True)
+
+FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "openai", ".json": "sharegpt"}
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _inputs_as_sources(inputs: list[str], fmt: str | None) -> list[SourceSpec]:
+    sources: list[SourceSpec] = []
+    for number, path in enumerate(inputs, start=1):
+        chosen = fmt or FORMAT_BY_SUFFIX.get(Path(path).suffix.lower())
+        if chosen is None:
+            _fail(f"--input {path}: cannot tell its format from the name; pass --format sharegpt|openai|parquet")
+        name = Path(path).stem or f"input{number}"
+        if any(s.name == name for s in sources):
+            name = f"{name}-{number}"
+        try:
+            sources.append(SourceSpec(name=name, format=chosen, path=path))
+        except ValueError as err:
+            _fail(f"--input {path}: {err}")
+    return sources
+
+
+def curation_table(manifest: dict) -> Table:
+    table = Table(title=f"curated {manifest['input_records']:,} records", show_lines=False)
+    table.add_column("", style="bold")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("records", "input", f"{manifest['input_records']:,}")
+    table.add_row("", "kept", f"{manifest['kept']:,}")
+    for reason, n in manifest["dropped"].items():
+        table.add_row("dropped", reason, f"{n:,}")
+    if manifest.get("augmented"):
+        table.add_row("augmented", "slices added", f"{manifest['augmented']:,}")
+    for name, n in manifest["splits"].items():
+        table.add_row("split", name, f"{n:,}")
+    for kind, n in manifest["pii_replacements"].items():
+        table.add_row("pii", kind, f"{n:,}")
+    tox = manifest["toxicity"]
+    if tox["scored"]:
+        table.add_row("toxicity", "mean / max (assistant)", f"{tox['mean']:.3f} / {tox['max']:.3f}")
+        table.add_row("", "user turns flagged", f"{tox['flagged_user']:,}")
+    for stage in manifest["stages"]:
+        table.add_row("seconds", stage["name"], f"{stage['seconds']:.1f}")
+    table.add_row("seconds", "wall", f"{manifest['wall_seconds']:.1f}")
+    return table
+
+
+@app.command()
+def curate(
+    spec: Annotated[Path, typer.Argument(help="curation spec (YAML), e.g. pipelines/curate.yaml")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
+    input: Annotated[list[str] | None, typer.Option("--input", "-i", help="input file/dir/glob (repeatable); replaces the spec's sources")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", "-f", help="format of --input: sharegpt|openai|parquet|chitchat")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="output directory")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the manifest as JSON on stdout")] = False,
+) -> None:
+    """Curate conversation corpora with Ray Data into OUTPUT/data, OUTPUT/dropped and OUTPUT/manifest.json."""
+    from chatforge.data.pipeline import run_curation
+    from chatforge.data.sources import SourceError
+    from chatforge.runtime import RayConnectError, init_ray
+
+    extra = list(overrides or [])
+    if output:
+        extra.append(f"curate.output={output}")
+    try:
+        loaded = load_spec(spec, extra)
+        if input:
+            sources = _inputs_as_sources(input, fmt)
+            loaded = loaded.model_copy(update={"curate": loaded.curate.model_copy(update={"sources": sources})})
+        init_ray(loaded.ray)
+        with console.status("curating with Ray Data…"):
+            result = run_curation(loaded)
+    except (SpecError, SourceError, RayConnectError) as err:
+        _fail(str(err))
+    console.print(curation_table(result.manifest))
+    console.print(f"data: [bold]{result.output}/data[/]   dropped: {result.output}/dropped   "
+                  f"manifest: {result.output}/manifest.json", highlight=False)
+    if json_out:
+        print(json.dumps(result.manifest))
+
+
+@app.command()
+def version() -> None:
+    """Print the chatforge version."""
+    import chatforge
+
+    print(chatforge.__version__)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,232 @@
+"""Every spec chatforge runs, as pydantic models; YAML loading with ``a.b=value`` overrides.
+
+Unknown keys are errors that name the dotted path and the file, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RaySpec(Strict):
+    address: str | None = Field(None, description="Ray address; None starts (or joins) a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by chatforge")
+    connect_timeout_s: float = Field(60.0, gt=0, description="give up joining a cluster after this long")
+
+
+# ---------------------------------------------------------------- curation
+
+SourceFormat = Literal["sharegpt", "openai", "parquet", "chitchat"]
+StepName = Literal["normalize", "filters", "pii", "dedup", "toxicity", "augment", "split"]
+DEFAULT_STEPS: tuple[StepName, ...] = ("normalize", "filters", "pii", "dedup", "toxicity", "augment", "split")
+
+
+class SourceSpec(Strict):
+    name: str = Field(description="source name, the prefix of record ids")
+    format: SourceFormat
+    path: str | None = Field(None, description="file, directory or glob; the chitchat corpus needs none")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> SourceSpec:
+        if self.path is None and self.format != "chitchat":
+            raise ValueError(f"source {self.name!r}: format {self.format!r} needs a path")
+        return self
+
+
+class ReadSpec(Strict):
+    block_rows: int = Field(2000, ge=1, description="records per block emitted by the readers")
+    range_bytes: int = Field(64 << 20, ge=1 << 16, description="byte range one JSONL read task covers")
+    max_record_bytes: int = Field(16 << 20, ge=1024, description="a record larger than this is malformed")
+    raw_keep_bytes: int = Field(1 << 20, ge=256, description="how much raw text a malformed row keeps")
+
+
+class NormalizeSpec(Strict):
+    fix_unicode: bool = True
+    strip_control: bool = True
+    collapse_whitespace: bool = True
+    role_map: dict[str, str] = Field(default_factory=dict, description="extra source role -> system|user|assistant")
+
+
+class FiltersSpec(Strict):
+    require_assistant: bool = True
+    require_alternation: bool = True
+    drop_empty_turns: bool = Field(True, description="reject a conversation with an empty turn (else drop the turn)")
+    min_turns: int = Field(2, ge=1)
+    max_turns: int = Field(400, ge=1)
+    max_message_chars: int = Field(32_000, ge=1)
+    max_total_chars: int = Field(400_000, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="reject conversations longer than this in tokens")
+    tokenizer: str | None = Field(None, description="HF tokenizer dir/id for max_tokens; None counts word pieces")
+    languages: list[str] | None = Field(None, description="ISO 639-1 codes to keep; None keeps every language")
+
+
+PiiType = Literal["email", "phone", "card", "iban", "ip", "secret", "url_credentials", "national_id"]
+PII_TYPES: tuple[PiiType, ...] = ("email", "phone", "card", "iban", "ip", "secret", "url_credentials", "national_id")
+
+
+class PiiSpec(Strict):
+    types: list[PiiType] = Field(default_factory=lambda: list(PII_TYPES))
+    consistent: bool = Field(True, description="the same value gets the same placeholder within a conversation")
+
+
+class DedupSpec(Strict):
+    exact: bool = True
+    near: bool = True
+    num_perm: int = Field(128, ge=16, le=1024)
+    bands: int = Field(16, ge=1)
+    threshold: float = Field(0.7, gt=0, le=1, description="estimated Jaccard a candidate pair must reach")
+    shingle_words: int = Field(5, ge=1)
+    num_partitions: int | None = Field(None, ge=1, description="hash partitions for shuffles; None picks from CPUs")
+    max_iterations: int = Field(30, ge=1, description="connected-components rounds before giving up")
+
+    @model_validator(mode="after")
+    def _bands_divide(self) -> DedupSpec:
+        if self.num_perm % self.bands:
+            raise ValueError(f"dedup.bands ({self.bands}) must divide dedup.num_perm ({self.num_perm})")
+        return self
+
+
+class ToxicitySpec(Strict):
+    backend: Literal["profanity", "detoxify"] = "profanity"
+    checkpoint: str | None = Field(None, description="detoxify: a local checkpoint file (or a published model name)")
+    huggingface_config_path: str | None = Field(None, description="detoxify: local dir with config + tokenizer")
+    device: str = "cpu"
+    threshold: float = Field(0.5, ge=0, le=1)
+    assistant_policy: Literal["drop", "flag"] = "drop"
+    user_policy: Literal["drop", "flag", "ignore"] = "flag"
+    batch_size: int = Field(256, ge=1)
+    concurrency: int = Field(1, ge=1, description="scorer actors")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per scorer actor")
+
+
+class AugmentSpec(Strict):
+    system_prompts: dict[str, str] = Field(default_factory=dict, description="source name -> system prompt")
+    default_system_prompt: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict, description="source name -> style/domain tag")
+    tag_template: str = Field("[{tag}]", description="how a tag is rendered at the head of the system prompt")
+    slice_turns: bool = Field(False, description="one extra sample per earlier assistant turn, with its context")
+
+
+class SplitSpec(Strict):
+    train: float = Field(0.9, ge=0, le=1)
+    val: float = Field(0.05, ge=0, le=1)
+    test: float = Field(0.05, ge=0, le=1)
+    salt: str = "chatforge"
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitSpec:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"split ratios must sum to 1, got {self.train + self.val + self.test:g}")
+        return self
+
+
+class CurateSpec(Strict):
+    sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(name="chitchat", format="chitchat")])
+    output: str = "runs/curated"
+    steps: list[StepName] = Field(default_factory=lambda: list(DEFAULT_STEPS))
+    read: ReadSpec = ReadSpec()
+    normalize: NormalizeSpec = NormalizeSpec()
+    filters: FiltersSpec = FiltersSpec()
+    pii: PiiSpec = PiiSpec()
+    dedup: DedupSpec = DedupSpec()
+    toxicity: ToxicitySpec = ToxicitySpec()
+    augment: AugmentSpec = AugmentSpec()
+    split: SplitSpec = SplitSpec()
+
+    @model_validator(mode="after")
+    def _unique_steps_and_sources(self) -> CurateSpec:
+        if len(set(self.steps)) != len(self.steps):
+            raise ValueError(f"curate.steps lists a step twice: {self.steps}")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"curate.sources: source names must be unique, got {names}")
+        return self
+
+
+class Spec(Strict):
+    """A pipeline spec: the sections a command does not use are allowed and ignored by it."""
+
+    name: str = "chatforge"
+    ray: RaySpec = RaySpec()
+    curate: CurateSpec = CurateSpec()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value), the value read as YAML (so 1 is an int, true a bool, [a, b] a list)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"override {text!r} is not of the form key.path=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _describe(error: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: {error.error_count()} problem(s) in the spec"]
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key (check the spelling; see docs for the keys of this section)")
+        else:
+            lines.append(f"  {path}: {item['msg']} (got {item.get('input')!r})"[:400])
+    return "\n".join(lines)
+
+
+def load_spec(path: str | Path | None = None, overrides: list[str] | None = None, model: type[Strict] = Spec):
+    """Read a YAML spec (or start from defaults when ``path`` is None), apply overrides, validate."""
+    origin = str(path) if path else "<defaults>"
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as err:
+            raise SpecError(f"{origin}: cannot read spec: {err.strerror}") from err
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise SpecError(f"{origin}: not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise SpecError(f"{origin}: a spec is a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return model.model_validate(tree)
+    except ValidationError as err:
+        raise SpecError(_describe(err, origin)) from None
+
+
+def resolved(spec: Strict) -> dict[str, Any]:
+    """The spec with every default filled in, as plain JSON-able data (for manifests and MLflow)."""
+    return spec.model_dump(mode="json")

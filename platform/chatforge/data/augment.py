@@ -1,0 +1,76 @@
+"""Augment: condition responses on metadata (a system prompt and a style/domain tag per source) and, optionally,
+slice multi-turn conversations into one extra sample per earlier assistant turn.
+
+Slices are new rows (``augmented=True``, ``meta.parent_id``); they are counted apart from ``kept`` in the manifest
+and take their parent's split, so no conversation leaks between train and val.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from chatforge.config import AugmentSpec
+from chatforge.data.schema import Record, is_kept, map_records
+
+AUGMENT_COLUMNS = {"augmented": pa.bool_(), "parent_id": pa.string()}
+
+
+def condition(messages: list[dict[str, str]], source: str, spec: AugmentSpec) -> list[dict[str, str]]:
+    """Add the source's system prompt (unless the conversation has its own) and put its tag at the head of it."""
+    prompt = spec.system_prompts.get(source, spec.default_system_prompt)
+    tag = spec.tags.get(source)
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    if prompt is not None and not has_system:
+        messages = [{"role": "system", "content": prompt}, *messages]
+        has_system = True
+    if tag is not None:
+        head = spec.tag_template.format(tag=tag)
+        if has_system:
+            messages = [{"role": "system", "content": f"{head} {messages[0]['content']}".strip()}, *messages[1:]]
+        else:
+            messages = [{"role": "system", "content": head}, *messages]
+    return messages
+
+
+def turn_slices(messages: list[dict[str, str]]) -> list[list[dict[str, str]]]:
+    """Every prefix that ends with an assistant turn, except the whole conversation itself."""
+    ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return [messages[: end + 1] for end in ends[:-1]]
+
+
+def augment_records(records: list[Record], spec: AugmentSpec) -> list[Record]:
+    out = []
+    for record in records:
+        record.update(augmented=False, parent_id=None)
+        out.append(record)
+        if not is_kept(record):
+            continue
+        record["messages"] = condition(record["messages"], record["source"], spec)
+        tag = spec.tags.get(record["source"])
+        if tag is not None:
+            record["meta"] = json.dumps({**json.loads(record["meta"] or "{}"), "tag": tag}, ensure_ascii=False)
+        if spec.slice_turns:
+            for number, messages in enumerate(turn_slices(record["messages"]), start=1):
+                out.append(
+                    {
+                        **record,
+                        "id": f"{record['id']}#slice{number}",
+                        "messages": messages,
+                        "augmented": True,
+                        "parent_id": record["id"],
+                        "_stage_seconds": None,
+                    }
+                )
+    return out
+
+
+@dataclass(frozen=True)
+class AugmentStep:
+    spec: AugmentSpec
+
+    def __call__(self, ds):
+        return map_records(ds, functools.partial(augment_records, spec=self.spec), stage="augment", adds=AUGMENT_COLUMNS)

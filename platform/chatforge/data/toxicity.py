@@ -1,0 +1,262 @@
+"""Toxicity: score every user and assistant turn, drop toxic assistant turns, keep and flag toxic user turns.
+
+Three parts, read top to bottom:
+  scorers  `Scorer` is what curation, evaluation and the server's guard share: texts in, one dict of
+           label -> probability per text out, always with the label "toxicity". `ProfanityScorer` is the offline
+           default (the model shipped inside the alt-profanity-check package); `DetoxifyScorer` is production.
+  policy   `score_records`, a pure function of a batch of records (unit-tested without Ray).
+  step     `ToxicityStep`, a Ray Data actor pool, so each actor loads its model once.
+
+Columns added (`TOXICITY_COLUMNS`):
+  toxicity        max "toxicity" over assistant turns (null without an assistant turn, or when already dropped)
+  toxicity_user   max "toxicity" over user turns (same nulls)
+  toxicity_flag   the record has a toxic turn whose policy is "flag" (False for rows dropped by an earlier step)
+  toxicity_turns  JSON: [{"turn": index in messages, "role": ..., "scores": {label: probability}}]
+
+A turn is toxic when its "toxicity" score >= `threshold`. Drop reasons: "toxic_assistant", then "toxic_user".
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import pyarrow as pa
+
+from chatforge.config import ToxicitySpec
+from chatforge.data.schema import Record, RecordBatchFn, is_kept, mark_dropped
+
+TOXICITY_LABEL = "toxicity"
+SCORED_ROLES = ("user", "assistant")
+
+TOXICITY_COLUMNS: dict[str, pa.DataType] = {
+    "toxicity": pa.float64(),
+    "toxicity_user": pa.float64(),
+    "toxicity_flag": pa.bool_(),
+    "toxicity_turns": pa.string(),
+}
+
+
+# ---------------------------------------------------------------- scorers
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Texts in, one {label: probability} per text out, in order; the labels include "toxicity"."""
+
+    labels: tuple[str, ...]
+
+    def score(self, texts: list[str]) -> list[dict[str, float]]: ...
+
+
+class ProfanityScorer:
+    """The offline default: alt-profanity-check's TF-IDF + calibrated linear model, shipped inside its wheel.
+
+    It knows profanity and insults, not subtler toxicity (threats, identity attacks without slurs); use detoxify
+    for production data.
+    """
+
+    labels = (TOXICITY_LABEL,)
+
+    def __init__(self) -> None:
+        from sklearn.exceptions import InconsistentVersionWarning
+
+        # The package unpickles its model at import; a scikit-learn newer than the one that pickled it warns on
+        # every worker. The warning alone proves nothing either way, so silence it and check the model below.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InconsistentVersionWarning)
+            from profanity_check import predict_prob
+
+        self._predict_prob = predict_prob
+        rude, polite = self._predict_prob(["you are a fucking idiot", "thank you, have a nice day"])
+        if not rude > 0.5 > polite:
+            raise RuntimeError(
+                "alt-profanity-check's model does not work with the installed scikit-learn "
+                f"(insult {rude:.2f}, polite {polite:.2f}); install the scikit-learn version it was built with"
+            )
+
+    def score(self, texts: list[str]) -> list[dict[str, float]]:
+        if not texts:
+            return []
+        return [{TOXICITY_LABEL: float(p)} for p in self._predict_prob(texts)]
+
+
+class DetoxifyScorer:
+    """The production backend: `detoxify.Detoxify`, labels toxicity, severe_toxicity, obscene, threat, insult, ...
+
+    ``checkpoint`` is a local checkpoint file (offline; ``huggingface_config_path`` or the checkpoint's own
+    ``arch.args.model_type`` must then be a local dir with the HF config and tokenizer) or a published name
+    ("original", "unbiased", "multilingual", ...), which detoxify downloads from its GitHub releases.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        huggingface_config_path: str | None = None,
+        device: str = "cpu",
+        batch_size: int = 32,
+    ) -> None:
+        from detoxify import Detoxify
+        from detoxify.detoxify import MODEL_URLS
+
+        checkpoint = checkpoint or "original"
+        if checkpoint in MODEL_URLS:
+            # detoxify fetches these with torch.hub and weights_only=False: trusted as detoxify's own releases.
+            self.model = Detoxify(model_type=checkpoint, device=device, huggingface_config_path=huggingface_config_path)
+        elif Path(checkpoint).is_file():
+            self.model = Detoxify(
+                checkpoint=_safe_checkpoint(checkpoint), device=device, huggingface_config_path=huggingface_config_path
+            )
+        else:
+            raise FileNotFoundError(
+                f"toxicity.checkpoint {checkpoint!r} is neither a file nor a published detoxify model "
+                f"({', '.join(MODEL_URLS)}); give a local checkpoint path or one of those names"
+            )
+        self.labels = tuple(self.model.class_names)
+        self.batch_size = batch_size
+
+    def score(self, texts: list[str]) -> list[dict[str, float]]:
+        # Forward passes over texts of similar length, so short turns are not padded to the longest of the batch.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        results: list[dict[str, float]] = [{} for _ in texts]
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            predicted = self.model.predict([texts[i] for i in chunk])
+            for label, values in predicted.items():
+                # detoxify squeezes a one-text batch to a bare float
+                values = values if isinstance(values, list) else [values]
+                for index, value in zip(chunk, values, strict=True):
+                    results[index][label] = float(value)
+        return results
+
+
+def _safe_checkpoint(path: str) -> io.BytesIO:
+    """The checkpoint's bytes, after proving they unpickle with ``weights_only=True``.
+
+    detoxify 0.5.4 calls ``torch.load(checkpoint, weights_only=False)`` with no way to change it, and an
+    unrestricted unpickle can run arbitrary code. Its format is plain data (dicts, lists, strings, tensors), so we
+    first load the bytes with the restricted unpickler, then hand detoxify the same in-memory bytes: the file cannot
+    change between the check and the load. Costs one extra transient copy of the checkpoint in memory.
+    """
+    import torch
+
+    buffer = io.BytesIO(Path(path).read_bytes())
+    try:
+        torch.load(buffer, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: this checkpoint holds pickled objects besides tensors and plain data, which could run code "
+            "when loaded; re-save it from a trusted environment as torch.save({'config': <plain dict>, "
+            f"'state_dict': <tensors>}}, path).\n{err}"
+        ) from None
+    except Exception as err:
+        raise ValueError(f"{path}: not a torch checkpoint detoxify can read: {err}") from err
+    buffer.seek(0)
+    return buffer
+
+
+def build_scorer(spec: ToxicitySpec) -> Scorer:
+    """The scorer a spec names, with its model loaded."""
+    if spec.backend == "detoxify":
+        return DetoxifyScorer(spec.checkpoint, spec.huggingface_config_path, spec.device)
+    return ProfanityScorer()
+
+
+# ---------------------------------------------------------------- policy
+
+
+def score_records(records: list[Record], scorer: Scorer, spec: ToxicitySpec) -> list[Record]:
+    """Score the user and assistant turns of the kept records in one scorer call; set the columns; apply policy."""
+    if TOXICITY_LABEL not in scorer.labels:
+        raise ValueError(f"scorer {type(scorer).__name__} has no {TOXICITY_LABEL!r} label (labels: {scorer.labels})")
+
+    turns: list[tuple[int, int, str]] = []  # (record index, turn index, role), aligned with `texts`
+    texts: list[str] = []
+    for record_index, record in enumerate(records):
+        if not is_kept(record):
+            continue
+        for turn_index, message in enumerate(record.get("messages") or []):
+            if message["role"] in SCORED_ROLES:
+                turns.append((record_index, turn_index, message["role"]))
+                texts.append(message["content"] or "")
+
+    scores = scorer.score(texts) if texts else []
+    if len(scores) != len(texts):
+        raise RuntimeError(f"scorer {type(scorer).__name__} returned {len(scores)} results for {len(texts)} texts")
+
+    scored_turns: dict[int, list[dict]] = defaultdict(list)
+    for (record_index, turn_index, role), turn_scores in zip(turns, scores, strict=True):
+        scored_turns[record_index].append({"turn": turn_index, "role": role, "scores": turn_scores})
+
+    for record_index, record in enumerate(records):
+        if is_kept(record):
+            _apply_policy(record, scored_turns[record_index], spec)
+        else:
+            record.update(toxicity=None, toxicity_user=None, toxicity_flag=False, toxicity_turns=None)
+    return records
+
+
+def _apply_policy(record: Record, scored_turns: list[dict], spec: ToxicitySpec) -> None:
+    def worst(role: str) -> float | None:
+        return max((t["scores"][TOXICITY_LABEL] for t in scored_turns if t["role"] == role), default=None)
+
+    assistant, user = worst("assistant"), worst("user")
+    assistant_toxic = assistant is not None and assistant >= spec.threshold
+    user_toxic = user is not None and user >= spec.threshold
+    record["toxicity"] = assistant
+    record["toxicity_user"] = user
+    record["toxicity_flag"] = (assistant_toxic and spec.assistant_policy == "flag") or (
+        user_toxic and spec.user_policy == "flag"
+    )
+    record["toxicity_turns"] = json.dumps(scored_turns)
+    # A toxic user turn is often what the model must learn to answer well, so it is kept by default; a toxic
+    # assistant turn is what the model must never learn to say.
+    if assistant_toxic and spec.assistant_policy == "drop":
+        mark_dropped(record, "toxic_assistant")
+    if user_toxic and spec.user_policy == "drop":
+        mark_dropped(record, "toxic_user")
+
+
+# ---------------------------------------------------------------- step
+
+
+class ToxicityActor:
+    """One Ray Data actor: loads its scorer once, then scores pyarrow batches."""
+
+    def __init__(self, spec: ToxicitySpec) -> None:
+        if spec.backend == "detoxify":
+            import torch
+
+            # Ray starts workers with one intra-op thread; match the CPUs the actor reserved instead.
+            torch.set_num_threads(max(1, int(spec.num_cpus)))
+        scorer = build_scorer(spec)
+        self._batch_fn = RecordBatchFn(
+            partial(score_records, scorer=scorer, spec=spec), stage="toxicity", adds=TOXICITY_COLUMNS
+        )
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return self._batch_fn(table)
+
+
+@dataclass(frozen=True)
+class ToxicityStep:
+    """The curation step: `score_records` over the dataset on a pool of scorer actors."""
+
+    spec: ToxicitySpec
+
+    def __call__(self, ds):
+        return ds.map_batches(
+            ToxicityActor,
+            fn_constructor_kwargs={"spec": self.spec},
+            concurrency=self.spec.concurrency,
+            batch_size=self.spec.batch_size,
+            num_cpus=self.spec.num_cpus,
+            batch_format="pyarrow",
+        )

@@ -1,0 +1,89 @@
+"""ToxicityStep on a local Ray: an actor pool per backend adds the typed columns and marks the toxic rows."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from chatforge.config import ToxicitySpec
+from chatforge.data.schema import BASE_SCHEMA, STAGE_SECONDS_COLUMN, records_to_table
+from chatforge.data.toxicity import TOXICITY_COLUMNS, ToxicityStep
+from helpers.tiny_detoxify import build_tiny_detoxify
+
+pytestmark = pytest.mark.integration
+
+
+def conversation(record_id: str, user: str, assistant: str, drop_reason: str | None = None) -> dict:
+    return {
+        "id": record_id,
+        "source": "test",
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+        "meta": "{}",
+        "raw": None,
+        "drop_reason": drop_reason,
+    }
+
+
+def run_step(ray, records: list[dict], spec: ToxicitySpec) -> tuple[pa.Schema, dict[str, dict]]:
+    # Several blocks and batches, so rows really travel through the actor pool in pieces.
+    ds = ray.data.from_arrow(records_to_table(records, BASE_SCHEMA)).repartition(3)
+    tables = ray.get(ToxicityStep(spec)(ds).to_arrow_refs())
+    schema = tables[0].schema
+    assert all(t.schema == schema for t in tables)
+    rows = [row for t in tables for row in t.to_pylist()]
+    assert len(rows) == len(records)
+    return schema, {row["id"]: row for row in rows}
+
+
+def check_common(schema: pa.Schema, rows: dict[str, dict]) -> None:
+    for name, dtype in TOXICITY_COLUMNS.items():
+        assert schema.field(name).type == dtype
+    assert sum(dict(r[STAGE_SECONDS_COLUMN] or []).get("toxicity", 0.0) for r in rows.values()) > 0
+    earlier = rows["earlier"]
+    assert earlier["drop_reason"] == "dedup"
+    assert earlier["toxicity"] is None and earlier["toxicity_flag"] is False
+    clean = rows["clean"]
+    assert clean["drop_reason"] is None and clean["toxicity_flag"] is False
+    assert [t["role"] for t in json.loads(clean["toxicity_turns"])] == ["user", "assistant"]
+    assert rows["toxic-assistant"]["drop_reason"] == "toxic_assistant"
+    assert rows["toxic-assistant"]["toxicity"] > clean["toxicity"]
+    toxic_user = rows["toxic-user"]
+    assert toxic_user["drop_reason"] is None and toxic_user["toxicity_flag"] is True
+    assert toxic_user["toxicity_user"] > clean["toxicity_user"]
+
+
+def test_profanity_backend(ray_local):
+    insult = "you are a fucking idiot, shut up"
+    records = [
+        conversation("clean", "what time is it?", "it is five o'clock, have a nice day"),
+        conversation("toxic-assistant", "can you help me?", insult),
+        conversation("toxic-user", insult, "I'm sorry you feel that way. How can I help?"),
+        conversation("earlier", insult, insult, drop_reason="dedup"),
+    ] + [conversation(f"filler-{i}", f"question {i}", f"answer number {i}") for i in range(6)]
+    spec = ToxicitySpec(backend="profanity", batch_size=3, num_cpus=0.5)
+    schema, rows = run_step(ray_local, records, spec)
+    check_common(schema, rows)
+    assert sum(r["drop_reason"] is None for r in rows.values()) == 8
+
+
+def test_detoxify_backend_on_a_tiny_checkpoint(ray_local, tmp_path):
+    checkpoint, config_dir = build_tiny_detoxify(tmp_path)
+    records = [
+        conversation("clean", "could you please tell me the time ?", "have a nice day"),
+        conversation("toxic-assistant", "hello friend", "shut up you worthless moron"),
+        conversation("toxic-user", "you stupid pathetic fool", "thank you for your help"),
+        conversation("earlier", "idiot", "idiot", drop_reason="dedup"),
+    ]
+    spec = ToxicitySpec(
+        backend="detoxify",
+        checkpoint=str(checkpoint),
+        huggingface_config_path=str(config_dir),
+        batch_size=2,
+        num_cpus=1,
+    )
+    schema, rows = run_step(ray_local, records, spec)
+    check_common(schema, rows)
+    labels = json.loads(rows["clean"]["toxicity_turns"])[1]["scores"]
+    assert set(labels) == {"toxicity", "insult"}

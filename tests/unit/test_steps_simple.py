@@ -1,0 +1,92 @@
+import json
+
+from chatforge.config import AugmentSpec, FiltersSpec, NormalizeSpec, SplitSpec
+from chatforge.data.augment import augment_records, turn_slices
+from chatforge.data.filters import filter_reason, filter_records, role_order_problem
+from chatforge.data.normalize import normalize_text
+from chatforge.data.split import assign_split, split_records
+
+
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+def record(messages, rid="s:1", source="s", drop=None):
+    return {"id": rid, "source": source, "messages": messages, "meta": "{}", "raw": None, "drop_reason": drop}
+
+
+def test_normalize_repairs_mojibake_controls_and_whitespace():
+    spec = NormalizeSpec()
+    assert normalize_text("caf\u00c3\u00a9", spec) == "caf\u00e9"
+    assert normalize_text("a\x00b\u200bc\x1b", spec) == "abc"
+    assert normalize_text("  a \t  b \r\n\r\n\r\n\n c  ", spec) == "a b\n\nc"
+
+
+def test_role_order():
+    assert role_order_problem([msg("user", "a"), msg("assistant", "b")]) is None
+    assert role_order_problem([msg("system", "s"), msg("user", "a"), msg("assistant", "b")]) is None
+    assert "in a row" in role_order_problem([msg("user", "a"), msg("user", "b"), msg("assistant", "c")])
+    assert "open" in role_order_problem([msg("assistant", "a"), msg("user", "b")])
+    assert "system" in role_order_problem([msg("user", "a"), msg("system", "b")])
+
+
+def test_filter_reasons_in_order():
+    spec = FiltersSpec(max_message_chars=10, max_total_chars=15, max_tokens=3)
+    ok = [msg("user", "hi"), msg("assistant", "hey")]
+    assert filter_reason(ok, spec)[0] is None
+    assert filter_reason([msg("user", "hi"), msg("assistant", " ")], spec)[0] == "empty_turn"
+    assert filter_reason([msg("user", "hi")], spec)[0] == "too_few_turns"
+    assert filter_reason([msg("user", "x" * 11), msg("assistant", "y")], spec)[0] == "message_too_long"
+    assert filter_reason([msg("user", "x" * 9), msg("assistant", "y" * 9)], spec)[0] == "too_long"
+    assert filter_reason([msg("user", "a"), msg("user", "b")], spec)[0] == "role_order"
+    assert filter_reason([msg("system", "a"), msg("user", "b")], spec)[0] == "no_assistant_turn"
+    assert filter_reason([msg("user", "a b"), msg("assistant", "c d")], spec)[0] == "too_many_tokens"
+
+
+def test_filter_empty_turns_removed_when_not_dropping():
+    spec = FiltersSpec(drop_empty_turns=False)
+    reason, kept = filter_reason([msg("user", "a"), msg("assistant", ""), msg("assistant", "b")], spec)
+    assert reason is None and [m["content"] for m in kept] == ["a", "b"]
+
+
+def test_filter_records_language_and_first_reason_wins():
+    spec = FiltersSpec(languages=["en"])
+    rows = [
+        record([msg("user", "hello how are you doing today my friend"), msg("assistant", "I am doing well thank you")]),
+        record([msg("user", "bonjour comment allez-vous aujourd'hui"), msg("assistant", "je vais très bien merci")]),
+        record([msg("user", "hi")], drop="malformed:x"),
+    ]
+    out = filter_records(rows, spec)
+    assert out[0]["drop_reason"] is None and out[0]["lang"] == "en" and out[0]["n_turns"] == 2
+    assert out[1]["drop_reason"] == "language:fr"
+    assert out[2]["drop_reason"] == "malformed:x" and out[2]["n_turns"] is None
+
+
+def test_augment_conditions_on_source_and_slices():
+    spec = AugmentSpec(system_prompts={"s": "Be kind."}, tags={"s": "support"}, slice_turns=True)
+    convo = [msg("user", "a"), msg("assistant", "b"), msg("user", "c"), msg("assistant", "d")]
+    out = augment_records([record(convo), record([msg("user", "x")], rid="s:2", drop="too_few_turns")], spec)
+    assert out[0]["messages"][0] == {"role": "system", "content": "[support] Be kind."}
+    assert json.loads(out[0]["meta"])["tag"] == "support"
+    assert len(out) == 3  # the original, one slice, the dropped row untouched
+    assert out[1]["augmented"] and out[1]["parent_id"] == "s:1" and out[1]["messages"][-1]["content"] == "b"
+    assert out[2]["drop_reason"] == "too_few_turns" and out[2]["messages"] == [msg("user", "x")]
+    assert turn_slices(convo) == [convo[:2]]
+
+
+def test_augment_keeps_a_conversations_own_system_prompt():
+    spec = AugmentSpec(default_system_prompt="Default.")
+    own = [msg("system", "Own."), msg("user", "a"), msg("assistant", "b")]
+    assert augment_records([record(own)], spec)[0]["messages"][0]["content"] == "Own."
+
+
+def test_split_is_stable_follows_ratios_and_parents():
+    spec = SplitSpec(train=0.8, val=0.1, test=0.1)
+    splits = [assign_split(f"s:{i}", spec) for i in range(20000)]
+    assert splits == [assign_split(f"s:{i}", spec) for i in range(20000)]
+    assert abs(splits.count("train") / 20000 - 0.8) < 0.02
+    assert abs(splits.count("val") / 20000 - 0.1) < 0.01
+    slice_row = {**record([]), "id": "s:5#slice1", "parent_id": "s:5"}
+    out = split_records([record([], rid="s:5"), slice_row, record([], rid="s:6", drop="x")], spec)
+    assert out[0]["split"] == out[1]["split"] == assign_split("s:5", spec)
+    assert out[2]["split"] is None
