@@ -18,6 +18,9 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first: a plain `torch` requirement would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	# deepspeed's sdist imports torch at build time: build it against the torch just installed
+	$(BIN)/python -m pip install -q setuptools wheel
+	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 

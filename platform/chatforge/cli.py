@@ -68,8 +68,13 @@ def curation_table(manifest: dict) -> Table:
 def curate(
     spec: Annotated[Path, typer.Argument(help="curation spec (YAML), e.g. pipelines/curate.yaml")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
-    input: Annotated[list[str] | None, typer.Option("--input", "-i", help="input file/dir/glob (repeatable); replaces the spec's sources")] = None,
-    fmt: Annotated[str | None, typer.Option("--format", "-f", help="format of --input: sharegpt|openai|parquet|chitchat")] = None,
+    input: Annotated[
+        list[str] | None,
+        typer.Option("--input", "-i", help="input file/dir/glob (repeatable); replaces the spec's sources"),
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", "-f", help="format of --input: sharegpt|openai|parquet|chitchat")
+    ] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="output directory")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print the manifest as JSON on stdout")] = False,
 ) -> None:
@@ -92,8 +97,11 @@ def curate(
     except (SpecError, SourceError, RayConnectError) as err:
         _fail(str(err))
     console.print(curation_table(result.manifest))
-    console.print(f"data: [bold]{result.output}/data[/]   dropped: {result.output}/dropped   "
-                  f"manifest: {result.output}/manifest.json", highlight=False)
+    console.print(
+        f"data: [bold]{result.output}/data[/]   dropped: {result.output}/dropped   "
+        f"manifest: {result.output}/manifest.json",
+        highlight=False,
+    )
     if json_out:
         print(json.dumps(result.manifest))
 

@@ -155,12 +155,99 @@ class CurateSpec(Strict):
         return self
 
 
+# ---------------------------------------------------------------- training
+
+
+class TrainDataSpec(Strict):
+    path: str = Field(description="a curation output's data/ dir (holding train/ and val/)")
+    weight: float = Field(1.0, gt=0, description="mixing weight against the other datasets")
+    tag: str | None = Field(None, description="domain tag, rendered as a system prompt for this dataset")
+
+
+class ModelSpec(Strict):
+    name_or_path: str | None = Field(None, description="HF model id or local dir; None builds the small default GPT")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template; None keeps the model's own (ChatML if none)"
+    )
+    max_length: int = Field(512, ge=16, description="tokens per training row (samples are packed into rows)")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    # The default model, built from a config with a BPE tokenizer trained on the curated train split.
+    vocab_size: int = Field(8000, ge=300)
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(256, ge=8)
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelSpec:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_head ({self.n_head}) must divide model.n_embd ({self.n_embd})")
+        return self
+
+
+class TrainLoopSpec(Strict):
+    data: list[TrainDataSpec] = Field(default_factory=list, description="curated datasets; --data replaces them")
+    output: str = "runs/train"
+    max_steps: int = Field(200, ge=1, description="optimizer steps")
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the schedule decays to lr * min_lr_ratio")
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    batch_size: int = Field(8, ge=1, description="rows per worker per micro-step")
+    grad_accum: int = Field(1, ge=1)
+    warmup_steps: int = Field(20, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = Field(1.0, ge=0, description="0 turns clipping off")
+    packing: bool = True
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(20, ge=1, description="val batches per evaluation")
+    early_stopping_patience: int = Field(0, ge=0, description="evals without improvement before stopping; 0: never")
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class DeepSpeedSpec(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = Field(False, description="ZeRO-3 only")
+    extra: dict[str, Any] = Field(default_factory=dict, description="merged into the generated DeepSpeed config")
+
+    @model_validator(mode="after")
+    def _offload_params_needs_zero3(self) -> DeepSpeedSpec:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage=3")
+        return self
+
+
+class LoraSpec(Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="None: the attention projections of the model")
+
+
+class ScalingSpec(Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=0, description="worker-group restarts (from the last checkpoint) before failing")
+
+
 class Spec(Strict):
     """A pipeline spec: the sections a command does not use are allowed and ignored by it."""
 
     name: str = "chatforge"
     ray: RaySpec = RaySpec()
     curate: CurateSpec = CurateSpec()
+    # training: `chatforge train` reads these sections
+    model: ModelSpec = ModelSpec()
+    train: TrainLoopSpec = TrainLoopSpec()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    method: Literal["full", "lora"] = "full"
+    lora: LoraSpec = LoraSpec()
+    scaling: ScalingSpec = ScalingSpec()
 
 
 # ---------------------------------------------------------------- loading

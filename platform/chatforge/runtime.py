@@ -23,15 +23,29 @@ def init_ray(spec: RaySpec) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs = {"address": spec.address} if spec.address else {"num_cpus": spec.num_cpus, "dashboard_host": "127.0.0.1"}
+    if not spec.address:
+        # Ray Data's shuffles run in worker pools of their own; with the default soft limit (one worker per CPU) every
+        # switch between a map and a shuffle starts fresh Python workers, seconds each on small machines.
+        cpus = spec.num_cpus or os.cpu_count() or 1
+        os.environ.setdefault("RAY_num_workers_soft_limit", str(max(6, 3 * cpus)))
+        # Ray Train's report queue is polled at this interval; the 2 s default throttles small runs (RAY-NOTES).
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if not spec.address:
+        # In this thread: Ray ties the processes it starts to the life of the thread that started them.
+        try:
+            ray.init(num_cpus=spec.num_cpus, dashboard_host="127.0.0.1")
+        except Exception as err:
+            raise RayConnectError(f"could not start a local Ray: {err}") from err
+        return
     failure: list[BaseException] = []
 
     def connect() -> None:
         try:
-            ray.init(**kwargs)
+            ray.init(address=spec.address)
         except BaseException as err:  # reported to the caller below
             failure.append(err)
 
+    # Joining only (no processes are started), so a daemon thread with a deadline is safe here.
     thread = threading.Thread(target=connect, daemon=True)
     thread.start()
     thread.join(spec.connect_timeout_s)
@@ -41,5 +55,4 @@ def init_ray(spec: RaySpec) -> None:
             "cluster is up, and, with token auth on, that RAY_AUTH_TOKEN (or ~/.ray/auth_token) holds its token"
         )
     if failure:
-        where = spec.address or "a local Ray"
-        raise RayConnectError(f"could not start or join {where}: {failure[0]}") from failure[0]
+        raise RayConnectError(f"could not join Ray at {spec.address}: {failure[0]}") from failure[0]

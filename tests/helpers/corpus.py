@@ -16,7 +16,9 @@ WORDS = (
     "bread cheese apple orange guitar piano painting poem novel science planet star rocket engine bridge castle "
     "village island desert valley storm winter summer autumn spring sunset breakfast dinner lunch birthday wedding"
 ).split()
-VERBS = "likes visits builds paints reads writes finds loves watches plans cooks repairs studies explores shares".split()
+VERBS = (
+    "likes visits builds paints reads writes finds loves watches plans cooks repairs studies explores shares".split()
+)
 ADJ = "quiet bright small large old new green blue warm cold busy calm strange lovely simple clever funny".split()
 
 
@@ -28,7 +30,9 @@ def sentence(rng: random.Random, n_words: int = 12) -> str:
     return " ".join(parts).capitalize() + "."
 
 
-def conversation(rng: random.Random, turns: int | None = None, words: tuple[int, int] = (8, 20)) -> list[dict[str, str]]:
+def conversation(
+    rng: random.Random, turns: int | None = None, words: tuple[int, int] = (8, 20)
+) -> list[dict[str, str]]:
     turns = turns or rng.choice([2, 4, 6])
     messages = []
     for t in range(turns):

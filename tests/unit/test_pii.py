@@ -39,6 +39,8 @@ SEEDED = [
     ("phone", "+49 30 12345678", "Berlin: +49 30 12345678, ask for Hans."),
     ("phone", "+1 415 555 2671", "Text +1 415 555 2671 when you land."),
     ("phone", "07700 900123", "My mobile is 07700 900123."),
+    ("phone", "1-800-555-0199", "Toll free: 1-800-555-0199 (24/7)."),
+    ("phone", "+1 (555) 123-4567", "Reach the US desk at +1 (555) 123-4567."),
     ("card", "4111 1111 1111 1111", "Charge it to 4111 1111 1111 1111 please."),
     ("card", "5500-0000-0000-0004", "The Mastercard number is 5500-0000-0000-0004."),
     ("card", "378282246310005", "Amex 378282246310005 expires 04/27."),
@@ -110,7 +112,9 @@ def test_recall_on_all_seeded_values_in_one_conversation():
     record = {
         "id": "t:1",
         "drop_reason": None,
-        "messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": s} for i, (_, _, s) in enumerate(SEEDED)],
+        "messages": [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": s} for i, (_, _, s) in enumerate(SEEDED)
+        ],
     }
     [out] = scrub_records([record], PiiSpec())
     text = "\n".join(m["content"] for m in out["messages"])
@@ -183,6 +187,14 @@ CLEAN = [
     "Between 1990 and 2020 the number rose from 5,000 to 12,500.",
     "The hex color is #ff00aa and the MAC is 00:1A:2B:3C:4D:5E.",
     "Serial 12-345-678 and part number 4-5-6789.",
+    "Batch sizes 256 512 1024 2048 and counts 300 400 5000.",
+    "Serve on 127.0.0.1:8000 or bind 0.0.0.0, and ::1 for IPv6 loopback.",
+    "token = tokenizer.encode(text)",
+    "password = getpass.getpass()",
+    "auth_token = request.headers.get('X-Token')",
+    "secret=settings.SECRET_KEY and token=self.token",
+    "api_key=os.environ['OPENAI_API_KEY'] or api_key=${API_KEY} or password=<your-password>",
+    "Run pwd: /home/me/project, then git clone git@github.com:org/repo.git",
 ]
 
 

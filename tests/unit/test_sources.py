@@ -12,7 +12,10 @@ from chatforge.data.sources import (
 
 
 def raw_rows(fmt, items):
-    return [{"source": "s", "format": fmt, "origin": f"f#{i}", "raw": raw, "error": err} for i, (raw, err) in enumerate(items)]
+    return [
+        {"source": "s", "format": fmt, "origin": f"f#{i}", "raw": raw, "error": err}
+        for i, (raw, err) in enumerate(items)
+    ]
 
 
 def sharegpt(i, human="hello", gpt="hi there"):
@@ -65,7 +68,9 @@ def test_jsonl_ranges_cover_every_line_once(tmp_path):
 def test_jsonl_oversize_and_bad_utf8_lines(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"a": 1}\n' + b'{"b": "' + b"x" * 5000 + b'"}\n' + b'{"c": "\xff"}\n{"d": 2}\n')
-    rows = list(iter_jsonl_range(str(path), 0, path.stat().st_size, ReadSpec(max_record_bytes=1024, raw_keep_bytes=256)))
+    rows = list(
+        iter_jsonl_range(str(path), 0, path.stat().st_size, ReadSpec(max_record_bytes=1024, raw_keep_bytes=256))
+    )
     assert [err for _, _, err in rows] == [None, "record_too_large", "invalid_utf8", None]
     assert rows[3][1] == '{"d": 2}'
 
@@ -102,8 +107,14 @@ def test_sharegpt_roles_mapped_and_ids_stable():
 
 
 def test_openai_content_parts_and_extra_role_map():
-    raw = json.dumps({"messages": [{"role": "customer", "content": [{"type": "text", "text": "he"}, {"type": "text", "text": "llo"}]},
-                                   {"role": "assistant", "content": "hi"}]})
+    raw = json.dumps(
+        {
+            "messages": [
+                {"role": "customer", "content": [{"type": "text", "text": "he"}, {"type": "text", "text": "llo"}]},
+                {"role": "assistant", "content": "hi"},
+            ]
+        }
+    )
     (record,) = parse_raw_records(raw_rows("openai", [(raw, None)]), {"Customer": "user"}, 1000)
     assert record["drop_reason"] is None
     assert record["messages"][0] == {"role": "user", "content": "hello"}

@@ -73,4 +73,6 @@ class AugmentStep:
     spec: AugmentSpec
 
     def __call__(self, ds):
-        return map_records(ds, functools.partial(augment_records, spec=self.spec), stage="augment", adds=AUGMENT_COLUMNS)
+        return map_records(
+            ds, functools.partial(augment_records, spec=self.spec), stage="augment", adds=AUGMENT_COLUMNS
+        )

@@ -87,7 +87,9 @@ def filter_records(records: list[Record], spec: FiltersSpec) -> list[Record]:
         record["n_turns"] = len(record["messages"])
         record["n_chars"] = sum(len(m["content"]) for m in record["messages"])
         if reason is None and spec.languages is not None:
-            record["lang"] = detect_language(" ".join(m["content"] for m in record["messages"] if m["role"] != "system"))
+            record["lang"] = detect_language(
+                " ".join(m["content"] for m in record["messages"] if m["role"] != "system")
+            )
             if record["lang"] not in spec.languages:
                 reason = f"language:{record['lang']}"
         if reason:

@@ -49,12 +49,22 @@ _PRIORITY = ("url_credentials", "secret", "email", "iban", "card", "national_id"
 Span = tuple[int, int, str]
 
 
+# Patterns begin with a literal or a character class, never a lookbehind, so that `re` skips in C to the few
+# positions where a match can start; a match glued to the word or number before it is refused here instead.
+def _clear_before(text: str, start: int, forbidden: str = "") -> bool:
+    """True when the character before ``start`` is not a word character or one of ``forbidden``."""
+    if start == 0:
+        return True
+    previous = text[start - 1]
+    return not (previous.isalnum() or previous == "_" or previous in forbidden)
+
+
 # ---------------------------------------------------------------- email and URL credentials
 
-# Not after "/" or before ":path": ssh://git@host/... and git@github.com:org/repo name a login, not a mailbox.
-_EMAIL = re.compile(
-    r"(?<![\w.%+/-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}\b(?![:/][\w~])"
-)
+# Anchored on "@": the domain is matched first, then the local part is read backwards from it. Not followed
+# by ":path" or "/path": in git@github.com:org/repo the part before "@" is a login, not a mailbox.
+_EMAIL_DOMAIN = re.compile(r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}\b(?![:/][\w~])")
+_EMAIL_LOCAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}\Z")
 
 # user:pass between "scheme://" and "@host"; a URL with only a user name (ssh://git@host) is not a credential.
 _URL_CREDENTIALS = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://([^\s/:?#@]+(?:@[^\s/:?#@]+)?:[^\s/?#]+)@(?=[\w\[])")
@@ -62,8 +72,12 @@ _URL_CREDENTIALS = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://([^\s/:?#@]+(?:@[^\s
 
 def find_emails(text: str) -> Iterator[Span]:
     if "@" in text:
-        for m in _EMAIL.finditer(text):
-            yield m.start(), m.end(), m.group().lower()
+        for domain in _EMAIL_DOMAIN.finditer(text):
+            at = domain.start()
+            local = _EMAIL_LOCAL.search(text, max(0, at - 64), at)
+            # not after "/": in ssh://git@host the part before "@" is a login
+            if local and _clear_before(text, local.start(), ".%+/-"):
+                yield local.start(), domain.end(), text[local.start() : domain.end()].lower()
 
 
 def find_url_credentials(text: str) -> Iterator[Span]:
@@ -75,36 +89,35 @@ def find_url_credentials(text: str) -> Iterator[Span]:
 # ---------------------------------------------------------------- numbers: phones, cards, IBANs, national ids
 
 _HAS_DIGIT = re.compile(r"\d")
+_NON_DIGITS = re.compile(r"\D")
 
-_PHONE = re.compile(
-    r"(?<![\w+#/.-])(?:"
-    # international: +CC, an optional (area), then digit groups with single separators
-    r"\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,4})?(?:[ .-]?\d{2,8}){1,5}"
-    # North American: (555) 123-4567, 555-123-4567, 555.123.4567, 555 123 4567, 1-555-123-4567
-    r"|(?:1[ .-])?\([2-9]\d{2}\) ?\d{3}[ .-]\d{4}"
-    r"|(?:1([ .-]))?[2-9]\d{2}([ .-])\d{3}\2\d{4}"
-    # national with trunk 0 and at least one separator: 020 7946 0958, (030) 12345678, 07700 900123
-    r"|(?:\(0\d{1,4}\)|0\d{1,4})(?:[ -]\d{2,8}){1,3}"
-    r")(?![\w@]|[.,:-]\d)"
+_PHONE_END = r"(?![\w@]|[.,:-]\d)"
+_PHONE_INTERNATIONAL = re.compile(  # +CC, an optional (area), digit groups: +44 20 7946 0958, +1 (555) 123-4567
+    r"\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,4})?(?:[ .-]?\d{2,8}){1,5}" + _PHONE_END
 )
+# North American: (555) 123-4567, 555-123-4567, 555.123.4567 (a leading "1-" is taken in by `find_phones`);
+# not "555 123 4567", which cannot be told from a list of numbers ("sizes 256 512 1024")
+_PHONE_NANP = (
+    re.compile(r"\([2-9]\d{2}\) ?\d{3}[ .-]\d{4}" + _PHONE_END),
+    re.compile(r"[2-9]\d\d([.-])\d{3}\1\d{4}" + _PHONE_END),
+)
+# national with trunk 0 and at least one separator: 020 7946 0958, (030) 12345678, 07700 900123
+_PHONE_NATIONAL = re.compile(r"(?:\(0\d{1,4}\)|0\d{1,4})(?:[ -]\d{2,8}){1,3}" + _PHONE_END)
 
 _CARD = re.compile(
-    r"(?<![\w.,+-])[2-6](?:\d{12,18}"  # contiguous
+    r"[2-6](?:\d{12,18}"  # contiguous
     r"|\d{3}([ -])\d{4}\1\d{4}\1\d{1,4}(?:\1\d{3})?"  # groups of four: 13-19 digits
     r"|\d{3}([ -])\d{6}\2\d{4,5}"  # Amex 4-6-5, Diners 4-6-4
     r")(?![\w]|[.,-]\d)"
 )
 
-_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
+_IBAN = re.compile(r"[A-Z][A-Z]\d\d(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
 
-# SSN area 000, 666 and 900-999, group 00 and serial 0000 are never issued.
-_SSN = re.compile(r"(?<![\w.-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w]|[.-]\d)")
-# UK National Insurance number: two prefix letters (some never used), six digits, suffix A-D.
-_UK_NINO = re.compile(
-    r"\b(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b"
-)
+_SSN = re.compile(r"\d\d\d-\d\d-\d{4}(?![\w]|[.-]\d)")
+# UK National Insurance number: two prefix letters (not D F I Q U V, no O second), six digits, suffix A-D.
+_UK_NINO = re.compile(r"[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d\d ?\d\d ?\d\d ?[A-D]\b")
+_NINO_UNUSED_PREFIXES = frozenset({"BG", "GB", "KN", "NK", "NT", "TN", "ZZ"})
 
-_NON_DIGITS = re.compile(r"\D")
 _LUHN_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
 
 
@@ -123,42 +136,62 @@ def iban_valid(iban: str) -> bool:
     return int("".join(str(int(c, 36)) for c in iban[4:] + iban[:4])) % 97 == 1
 
 
+def ssn_valid(ssn: str) -> bool:
+    """Area 000, 666 and 900-999, group 00 and serial 0000 are never issued (``ssn`` is ddd-dd-dddd)."""
+    area, group, serial = ssn.split("-")
+    return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
+
+
 def find_phones(text: str) -> Iterator[Span]:
-    if _HAS_DIGIT.search(text):
-        for m in _PHONE.finditer(text):
-            digits = _NON_DIGITS.sub("", m.group())
-            if m.group().startswith("+"):
-                if 8 <= len(digits) <= 15:  # E.164 allows at most 15
-                    yield m.start(), m.end(), "+" + digits
-            elif digits[0] != "0" or 10 <= len(digits) <= 11:  # trunk-0 national numbers; NANP is exact
-                yield m.start(), m.end(), digits
+    if not _HAS_DIGIT.search(text):
+        return
+    for m in _PHONE_INTERNATIONAL.finditer(text):
+        digits = _NON_DIGITS.sub("", m.group())
+        if 8 <= len(digits) <= 15 and _clear_before(text, m.start(), "+#/.-"):  # E.164: at most 15
+            yield m.start(), m.end(), "+" + digits
+    for pattern in _PHONE_NANP:
+        for m in pattern.finditer(text):
+            start = m.start()
+            if start >= 2 and text[start - 2] == "1" and text[start - 1] in " .-":  # 1-800-555-0199
+                start -= 2
+            if _clear_before(text, start, "+#/.-"):
+                yield start, m.end(), _NON_DIGITS.sub("", m.group())
+    for m in _PHONE_NATIONAL.finditer(text):
+        digits = _NON_DIGITS.sub("", m.group())
+        if 10 <= len(digits) <= 11 and _clear_before(text, m.start(), "+#/.-"):
+            yield m.start(), m.end(), digits
 
 
 def find_cards(text: str) -> Iterator[Span]:
     if _HAS_DIGIT.search(text):
         for m in _CARD.finditer(text):
             digits = _NON_DIGITS.sub("", m.group())
-            if 13 <= len(digits) <= 19 and luhn_valid(digits):
+            if 13 <= len(digits) <= 19 and luhn_valid(digits) and _clear_before(text, m.start(), ".,+-"):
                 yield m.start(), m.end(), digits
 
 
 def find_ibans(text: str) -> Iterator[Span]:
     if _HAS_DIGIT.search(text):
         for m in _IBAN.finditer(text):
-            if iban_valid(m.group()):
+            if _clear_before(text, m.start()) and iban_valid(m.group()):
                 yield m.start(), m.end(), m.group().replace(" ", "")
 
 
 def find_national_ids(text: str) -> Iterator[Span]:
-    if _HAS_DIGIT.search(text):
-        for pattern in (_SSN, _UK_NINO):
-            for m in pattern.finditer(text):
-                yield m.start(), m.end(), m.group().replace(" ", "").replace("-", "")
+    if not _HAS_DIGIT.search(text):
+        return
+    if "-" in text:
+        for m in _SSN.finditer(text):
+            if _clear_before(text, m.start(), ".-") and ssn_valid(m.group()):
+                yield m.start(), m.end(), m.group().replace("-", "")
+    for m in _UK_NINO.finditer(text):
+        if _clear_before(text, m.start()) and m.group()[:2] not in _NINO_UNUSED_PREFIXES:
+            yield m.start(), m.end(), m.group().replace(" ", "")
 
 
 # ---------------------------------------------------------------- IP addresses
 
-_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
+_IPV4 = re.compile(r"\d\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])")
 
 
@@ -176,6 +209,8 @@ def _identifies_a_host(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -
 def find_ips(text: str) -> Iterator[Span]:
     if "." in text and _HAS_DIGIT.search(text):
         for m in _IPV4.finditer(text):
+            if not _clear_before(text, m.start(), "."):
+                continue
             try:
                 # ipaddress rejects octets over 255 and leading zeros (so "01.02.2024.1" is not an address)
                 address = ipaddress.IPv4Address(m.group())
@@ -209,6 +244,10 @@ _SECRET_TOKEN = re.compile(
     r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWT
     r")(?![\w-])"
 )
+# every token above contains one of these (GitHub and Stripe tokens an "_"): most turns contain none, and a
+# substring test is far cheaper than running the pattern
+_SECRET_TOKEN_MARKERS = ("_", "sk-", "xox", "eyJ", "AKIA", "ASIA", "ABIA", "ACCA", "AIza")
+_SECRET_KEYWORD_MARKERS = ("key", "token", "secret", "pass", "pwd")
 # key = value / "key": "value"; only the value is replaced, so the text still says what was there.
 _SECRET_ASSIGNMENT = re.compile(
     r"(?i:(?<![A-Za-z0-9])(?:api[_-]?key|secret[_-]?key|access[_-]?key|client[_-]?secret|auth[_-]?token"
@@ -231,6 +270,10 @@ def _assigned_secret(m: re.Match) -> bool:
     return literal or not (value.isalpha() and (value.islower() or value.istitle()))
 
 
+def _contains_any(text: str, markers: tuple[str, ...]) -> bool:
+    return any(marker in text for marker in markers)
+
+
 def find_secrets(text: str) -> Iterator[Span]:
     if "-----BEGIN" in text:
         # the lazy search for END would rescan the text from every BEGIN if there were no END at all
@@ -240,9 +283,10 @@ def find_secrets(text: str) -> Iterator[Span]:
         if pem is _PEM_PRIVATE_KEY:
             for m in _PEM_TRUNCATED.finditer(text):
                 yield m.start(), m.end(), m.group()
-    for m in _SECRET_TOKEN.finditer(text):
-        yield m.start(), m.end(), m.group()
-    if "=" in text or ":" in text:
+    if _contains_any(text, _SECRET_TOKEN_MARKERS):
+        for m in _SECRET_TOKEN.finditer(text):
+            yield m.start(), m.end(), m.group()
+    if ("=" in text or ":" in text) and _contains_any(text.lower(), _SECRET_KEYWORD_MARKERS):
         for m in _SECRET_ASSIGNMENT.finditer(text):
             if _assigned_secret(m):
                 yield m.start("value"), m.end("value"), m["value"]
@@ -282,11 +326,12 @@ def _placeholder(pii_type: str, key: str, placeholders: dict[str, str] | None) -
     label = LABELS[pii_type]
     if placeholders is None:
         return f"[{label}]"
-    found = placeholders.get(key)
+    typed_key = f"{pii_type}:{key}"  # so a digit string that is a phone here and a card there cannot collide
+    found = placeholders.get(typed_key)
     if found is None:
         prefix = f"[{label}_"
         number = 1 + sum(1 for p in placeholders.values() if p.startswith(prefix))
-        found = placeholders[key] = f"{prefix}{number}]"
+        found = placeholders[typed_key] = f"{prefix}{number}]"
     return found
 
 
@@ -295,9 +340,9 @@ def scrub_text(
 ) -> tuple[str, dict[str, int]]:
     """Replace every PII value of ``types`` in ``text``; return the new text and replacements per type.
 
-    ``placeholders`` maps a normalized value (lower-cased email, digits of a phone or card, ...) to its numbered
-    placeholder; pass the same dict for every turn of a conversation so a value keeps its number. ``None``
-    gives unnumbered placeholders (``[EMAIL]``). Counts include every type in ``PII_TYPES``.
+    ``placeholders`` maps ``"<type>:<normalized value>"`` (lower-cased email, digits of a phone or card, ...)
+    to its numbered placeholder; pass the same dict for every turn of a conversation so a value keeps its
+    number. ``None`` gives unnumbered placeholders (``[EMAIL]``). Counts include every type in ``PII_TYPES``.
     """
     counts = dict.fromkeys(PII_TYPES, 0)
     if not text:
@@ -338,6 +383,8 @@ def scrub_records(records: list[Record], spec: PiiSpec) -> list[Record]:
 
 @dataclass(frozen=True)
 class PiiStep:
+    """The ``pii`` curation step: scrubs kept conversations and adds the ``pii_counts`` column."""
+
     spec: PiiSpec
 
     def __call__(self, ds):

@@ -178,15 +178,22 @@ def _collect_stats(stats_dir: str) -> dict[str, Any]:
     if os.path.isdir(stats_dir):
         for name in sorted(os.listdir(stats_dir)):
             if name.endswith(".parquet"):
-                parts += [json.loads(m) for m in pq.read_table(os.path.join(stats_dir, name), columns=["meta"])["meta"].to_pylist()]
+                parts += [
+                    json.loads(m)
+                    for m in pq.read_table(os.path.join(stats_dir, name), columns=["meta"])["meta"].to_pylist()
+                ]
     return merge_stats(parts)
 
 
 def _count_rows(directory: str) -> int:
     if not os.path.isdir(directory):
         return 0
-    return sum(pq.ParquetFile(os.path.join(root, n)).metadata.num_rows
-               for root, _, names in os.walk(directory) for n in names if n.endswith(".parquet"))
+    return sum(
+        pq.ParquetFile(os.path.join(root, n)).metadata.num_rows
+        for root, _, names in os.walk(directory)
+        for n in names
+        if n.endswith(".parquet")
+    )
 
 
 def _toxicity_summary(stats: dict[str, Any]) -> dict[str, Any]:
@@ -195,8 +202,10 @@ def _toxicity_summary(stats: dict[str, Any]) -> dict[str, Any]:
         "scored": scored,
         "mean": round(stats["toxicity_sum"] / scored, 6) if scored else None,
         "max": stats["toxicity_max"],
-        "histogram": {f"{i / TOXICITY_BINS:.1f}-{(i + 1) / TOXICITY_BINS:.1f}": n
-                      for i, n in enumerate(stats["toxicity_histogram"])},
+        "histogram": {
+            f"{i / TOXICITY_BINS:.1f}-{(i + 1) / TOXICITY_BINS:.1f}": n
+            for i, n in enumerate(stats["toxicity_histogram"])
+        },
         "flagged_user": stats["toxicity_flagged_user"],
         "dropped_assistant": stats["dropped"].get("toxic_assistant", 0),
         "dropped_user": stats["dropped"].get("toxic_user", 0),
@@ -234,8 +243,10 @@ def run_curation(spec: Spec) -> CurationResult:
 
     written = _count_rows(os.path.join(output, "data"))
     if written != stats["kept"] + stats["augmented"]:
-        raise RuntimeError(f"accounting mismatch: {written} rows in data/ but the pass counted "
-                           f"{stats['kept']} kept + {stats['augmented']} augmented")
+        raise RuntimeError(
+            f"accounting mismatch: {written} rows in data/ but the pass counted "
+            f"{stats['kept']} kept + {stats['augmented']} augmented"
+        )
     manifest = {
         "input_records": stats["input_records"],
         "kept": stats["kept"],
@@ -245,8 +256,10 @@ def run_curation(spec: Spec) -> CurationResult:
         "splits": dict(sorted(stats["splits"].items())),
         "pii_replacements": dict(sorted(stats["pii_replacements"].items())),
         "toxicity": _toxicity_summary(stats),
-        "stages": [{"name": name, "seconds": round(stats["stage_seconds"].get(name, 0.0), 3)}
-                   for name in ["read", *curate.steps]],
+        "stages": [
+            {"name": name, "seconds": round(stats["stage_seconds"].get(name, 0.0), 3)}
+            for name in ["read", *curate.steps]
+        ],
         "wall_seconds": round(time.perf_counter() - started, 3),
         "sources": [{"name": s.name, "format": s.format, "files": list_files(s)} for s in curate.sources],
         "config": resolved(curate),

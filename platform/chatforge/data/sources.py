@@ -25,12 +25,12 @@ import pyarrow as pa
 from chatforge.config import NormalizeSpec, ReadSpec, SourceSpec
 from chatforge.data.schema import (
     BASE_SCHEMA,
+    ROLES,
     STAGE_SECONDS_COLUMN,
     STAGE_SECONDS_TYPE,
-    ROLES,
     Record,
-    map_records,
     make_id,
+    map_records,
     with_columns,
 )
 
@@ -253,7 +253,9 @@ class ConversationFiles:
             size = os.path.getsize(path)
             is_document = self.source.format == "chitchat" or _first_significant_byte(path) == b"["
             if is_document:
-                planned.append((functools.partial(_json_task, path, self.source.name, self.source.format, self.read), size))
+                planned.append(
+                    (functools.partial(_json_task, path, self.source.name, self.source.format, self.read), size)
+                )
                 continue
             for start in range(0, max(size, 1), self.read.range_bytes):
                 end = min(start + self.read.range_bytes, size)
@@ -327,7 +329,9 @@ def _turns(items: Any, role_key: str, content_key: str, extra: dict[str, str]) -
         if not isinstance(item, dict):
             raise RecordError("bad_turn", f"turn {index} must be an object, got {type(item).__name__}")
         if role_key not in item or content_key not in item:
-            raise RecordError("bad_turn", f"turn {index} needs keys {role_key!r} and {content_key!r}, has {sorted(item)}")
+            raise RecordError(
+                "bad_turn", f"turn {index} needs keys {role_key!r} and {content_key!r}, has {sorted(item)}"
+            )
         role = map_role(item[role_key], extra)
         turns.append({"role": role, "content": _text_content(item[content_key], f"turn {index}")})
     return turns
@@ -358,7 +362,7 @@ def _parse_chitchat(member: Any, extra: dict[str, str]) -> tuple[str | None, lis
     """
     if not isinstance(member, dict) or len(member) != 1:
         raise RecordError("not_an_object", "a chitchat record is one '\"id\": {...}' member")
-    (key, conv), = member.items()
+    ((key, conv),) = member.items()
     if not isinstance(conv, dict) or not isinstance(conv.get("messages"), list) or not conv["messages"]:
         raise RecordError("missing_messages", "a chitchat conversation needs a non-empty 'messages' list")
     first_sender = None
@@ -401,9 +405,11 @@ def parse_raw_records(rows: list[dict[str, Any]], role_map: dict[str, str], raw_
     out = []
     for row in rows:
         if row["error"]:
-            detail = {"truncated": "the input ends in the middle of this record",
-                      "record_too_large": f"the record is larger than read.max_record_bytes (head kept)",
-                      "invalid_utf8": "the record is not valid UTF-8"}.get(row["error"], row["error"])
+            detail = {
+                "truncated": "the input ends in the middle of this record",
+                "record_too_large": "the record is larger than read.max_record_bytes (head kept)",
+                "invalid_utf8": "the record is not valid UTF-8",
+            }.get(row["error"], row["error"])
             out.append(_malformed(row, row["error"], detail, raw_keep_bytes))
             continue
         text = row["raw"]

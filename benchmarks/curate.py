@@ -1,0 +1,227 @@
+"""Curation throughput, CPU scaling and streaming memory: the Ray Data pipeline vs one process with the same functions.
+
+    .venv/bin/python benchmarks/curate.py --json          # 30k conversations; ~10 minutes on 2 cores
+
+Generates a ShareGPT JSONL corpus of synthetic multi-turn conversations (with PII in 1 of 10 and a near-copy in
+1 of 25), then measures, in one run:
+  (a) the Ray pipeline (`chatforge curate`, all default steps) at ray.num_cpus=2, and at 1 for the speed-up;
+  (b) a single-process loop applying the same per-batch functions (parse, normalize, filters, PII, dedup with the
+      same MinHash/LSH functions and an in-memory union-find, toxicity with the same scorer, augment, split, write);
+  (c) the peak memory (PSS of the whole process tree, Ray's processes included) at 1x and 4x the input.
+Throughput counts the pipeline itself (the manifest's wall_seconds), not Ray's start-up, reported apart.
+Prints one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from functools import partial
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from chatforge.config import load_spec  # noqa: E402
+from chatforge.data import augment, dedup, filters, normalize, pii, sources, split, toxicity  # noqa: E402
+from chatforge.data.schema import mark_dropped  # noqa: E402
+from helpers.corpus import write_sharegpt_jsonl  # noqa: E402
+
+SPEC = os.path.join(ROOT, "pipelines", "curate.yaml")
+
+
+def run_ray(corpus: str, output: str, num_cpus: int) -> dict:
+    """`chatforge curate` in a fresh process; returns the manifest, wall time with start-up, and peak PSS."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "chatforge.cli",
+        "curate",
+        SPEC,
+        "--input",
+        corpus,
+        "--format",
+        "sharegpt",
+        "--output",
+        output,
+        "--json",
+        f"ray.num_cpus={num_cpus}",
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    peak = PeakMemory(proc.pid)
+    stdout, _ = proc.communicate()
+    peak.stop()
+    if proc.returncode:
+        raise SystemExit(f"chatforge curate failed ({proc.returncode})")
+    manifest = json.loads(stdout.strip().splitlines()[-1])
+    return {"manifest": manifest, "wall_s": time.perf_counter() - started, "peak_pss_mb": peak.peak / 2**20}
+
+
+class PeakMemory:
+    """Samples the proportional set size of a process and all its descendants (PSS counts shared pages once)."""
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        self.peak = 0
+        self._root = psutil.Process(pid)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, interval: float) -> None:
+        while not self._done.is_set():
+            total = 0
+            try:
+                procs = [self._root, *self._root.children(recursive=True)]
+            except psutil.Error:
+                return
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):  # a worker may exit between listing and reading
+                    total += proc.memory_full_info().pss
+            self.peak = max(self.peak, total)
+            self._done.wait(interval)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def single_process(corpus: str, output: str) -> dict:
+    """The same per-batch functions in one process, for the baseline."""
+    spec = load_spec(SPEC).curate
+    scorer = toxicity.build_scorer(spec.toxicity)
+    started = time.perf_counter()
+    records = []
+    size = os.path.getsize(corpus)
+    raw = [
+        sources._raw_row("corpus", "sharegpt", f"{corpus}@byte={o}", t, e)
+        for o, t, e in sources.iter_jsonl_range(corpus, 0, size, spec.read)
+    ]
+    steps_before_dedup = [
+        partial(sources.parse_raw_records, role_map={}, raw_keep_bytes=spec.read.raw_keep_bytes),
+        partial(normalize.normalize_records, spec=spec.normalize),
+        partial(filters.filter_records, spec=spec.filters),
+        partial(pii.scrub_records, spec=spec.pii),
+    ]
+    for start in range(0, len(raw), spec.read.block_rows):
+        batch = raw[start : start + spec.read.block_rows]
+        for fn in steps_before_dedup:
+            batch = fn(batch)
+        records += batch
+    in_memory_dedup(records, spec.dedup)
+    out = []
+    for start in range(0, len(records), spec.toxicity.batch_size):
+        batch = toxicity.score_records(records[start : start + spec.toxicity.batch_size], scorer, spec.toxicity)
+        batch = augment.augment_records(batch, spec.augment)
+        out += split.split_records(batch, spec.split)
+    by_split = defaultdict(list)
+    for record in out:
+        by_split[record["split"] or "dropped"].append(record)
+    os.makedirs(output, exist_ok=True)
+    for name, rows in by_split.items():
+        rows = [{k: v for k, v in r.items() if k != "_stage_seconds"} for r in rows]
+        pq.write_table(pa.Table.from_pylist(rows), os.path.join(output, f"{name}.parquet"))
+    kept = sum(1 for r in out if r["drop_reason"] is None)
+    return {"seconds": time.perf_counter() - started, "kept": kept, "input_records": len(raw)}
+
+
+def in_memory_dedup(records: list[dict], spec) -> None:
+    """Exact then near dedup with the step's own hashing, MinHash and banding functions, grouped in memory."""
+    live = [r for r in records if r["drop_reason"] is None]
+    first_by_hash: dict[str, dict] = {}
+    for record in sorted(live, key=lambda r: r["id"]):
+        key = dedup.exact_key(record["messages"])
+        if key in first_by_hash:
+            record["dup_of"] = first_by_hash[key]["id"]
+            mark_dropped(record, dedup.EXACT_REASON)
+        else:
+            first_by_hash[key] = record
+    reps = sorted(first_by_hash.values(), key=lambda r: r["id"])
+    texts = [dedup.normalized_conversation(r["messages"]) for r in reps]
+    signatures = dedup.minhash_signatures(texts, spec.num_perm, spec.shingle_words)
+    keys = dedup.band_keys(signatures, spec.bands)
+    parent = list(range(len(reps)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for band in range(keys.shape[1]):
+        buckets = defaultdict(list)
+        for i, key in enumerate(keys[:, band]):
+            buckets[int(key)].append(i)
+        for members in buckets.values():
+            for j in members[1:]:
+                if dedup.estimated_jaccard(signatures[members[0]], signatures[j]) >= spec.threshold:
+                    a, b = find(members[0]), find(j)
+                    parent[max(a, b)] = min(a, b)
+    for i, record in enumerate(reps):
+        root = find(i)
+        if root != i:
+            record["dup_of"] = reps[root]["id"]
+            mark_dropped(record, dedup.NEAR_REASON)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=30_000, help="conversations in the 1x corpus")
+    parser.add_argument("--json", action="store_true", help="print only the JSON result line")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the 4x memory run")
+    args = parser.parse_args()
+    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
+
+    with tempfile.TemporaryDirectory(prefix="chatforge-bench-") as tmp:
+        corpus = os.path.join(tmp, "corpus.jsonl")
+        write_sharegpt_jsonl(corpus, args.n, seed=1, pii_every=10, near_every=25)
+        log(f"corpus: {args.n} conversations, {os.path.getsize(corpus) / 2**20:.1f} MiB")
+
+        base = single_process(corpus, os.path.join(tmp, "single"))
+        log(f"single process: {base['seconds']:.1f}s")
+        ray2 = run_ray(corpus, os.path.join(tmp, "ray2"), 2)
+        log(f"ray 2 cpus: {ray2['manifest']['wall_seconds']:.1f}s pipeline, {ray2['wall_s']:.1f}s with start-up")
+        ray1 = run_ray(corpus, os.path.join(tmp, "ray1"), 1)
+        log(f"ray 1 cpu: {ray1['manifest']['wall_seconds']:.1f}s pipeline")
+        result = {
+            "benchmark": "curate",
+            "conversations": args.n,
+            "input_mib": round(os.path.getsize(corpus) / 2**20, 1),
+            "ray_conversations_per_s": round(args.n / ray2["manifest"]["wall_seconds"], 1),
+            "single_process_conversations_per_s": round(args.n / base["seconds"], 1),
+            "ray_vs_single_process": round(base["seconds"] / ray2["manifest"]["wall_seconds"], 3),
+            "ray_startup_s": round(ray2["wall_s"] - ray2["manifest"]["wall_seconds"], 1),
+            "speedup_2cpu_vs_1cpu": round(ray1["manifest"]["wall_seconds"] / ray2["manifest"]["wall_seconds"], 3),
+            "kept_ray": ray2["manifest"]["kept"],
+            "kept_single_process": base["kept"],
+            "dropped_ray": ray2["manifest"]["dropped"],
+            "stages_cpu_s": {s["name"]: s["seconds"] for s in ray2["manifest"]["stages"]},
+            "peak_pss_mb_1x": round(ray2["peak_pss_mb"], 1),
+        }
+        if not args.skip_memory:
+            big = os.path.join(tmp, "corpus4x.jsonl")
+            write_sharegpt_jsonl(big, 4 * args.n, seed=2, pii_every=10, near_every=25)
+            ray4 = run_ray(big, os.path.join(tmp, "ray4x"), 2)
+            log(f"ray 4x: {ray4['manifest']['wall_seconds']:.1f}s pipeline, peak {ray4['peak_pss_mb']:.0f} MB")
+            result["peak_pss_mb_4x"] = round(ray4["peak_pss_mb"], 1)
+            result["peak_memory_growth_4x"] = round(ray4["peak_pss_mb"] / ray2["peak_pss_mb"], 3)
+            result["ray_conversations_per_s_4x"] = round(4 * args.n / ray4["manifest"]["wall_seconds"], 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

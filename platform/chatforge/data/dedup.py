@@ -1,0 +1,456 @@
+"""Deduplication: exact copies by a hash of the normalized text, near copies by MinHash LSH + connected components.
+
+Only kept rows take part; nothing is removed. A duplicate gets ``drop_reason`` "duplicate:exact" or
+"duplicate:near" (first reason wins) and ``dup_of`` = the id of the row its group keeps, the smallest id.
+
+The whole job stays in Ray Data (hash-partitioned shuffles and per-block passes; no driver-side set of hashes or
+edges, no per-group Python ``map_groups``):
+
+1. one pass over the rows adds a row key, the exact hash and the MinHash signature (the hot loop, vectorised);
+2. key rows (row, hash, signature) are hash-partitioned by hash; each block links every copy to the smallest
+   row of its hash (exact edges) and passes the representatives on;
+3. representatives explode to one row per LSH band (band key, row, signature), hash-partitioned by band key;
+   each block verifies the pairs sharing a bucket by estimated Jaccard and emits near edges;
+4. connected components over exact + near edges (`chatforge.data.components`) label each row with its group's
+   smallest row, so chains a~b~c end as one group and exact copies point at the row their group keeps;
+5. the labels are hash-partitioned together with the rows by row key and applied in one per-block pass.
+
+Every function above the `DedupStep` is pure (no Ray) and unit-tested.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import xxhash
+from datasketch import MinHash
+from ray.data import Dataset
+from ray.data.expressions import col
+
+from chatforge.config import DedupSpec
+from chatforge.data.components import connected_components
+from chatforge.data.schema import STAGE_SECONDS_COLUMN, STAGE_SECONDS_TYPE
+
+logger = logging.getLogger(__name__)
+
+STAGE = "dedup"
+DUP_OF = "dup_of"
+EXACT_REASON = "duplicate:exact"
+NEAR_REASON = "duplicate:near"
+
+# Temporary columns, all removed before the step returns. A row key is "<id>\0<meta hash>\0<batch>.<n>": unique even
+# when two rows share an id (ids fall back to a content hash, so identical records from one source do), and its
+# string order is the id order, so "smallest row key" means "smallest id".
+ROW, HASH, SIG, REP, BAND = "_dedup_row", "_dedup_hash", "_dedup_sig", "_dedup_rep", "_dedup_band"
+LABEL, EXACT, IS_MARK = "_dedup_label", "_dedup_exact", "_dedup_is_mark"
+_KEY_SEPARATOR = "\x00"
+_EDGE_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string())])
+# A mark: row ROW is a duplicate; of LABEL (a row key) when known, and EXACT when it is an exact copy.
+_MARK_SCHEMA = pa.schema([(ROW, pa.string()), (LABEL, pa.string()), (EXACT, pa.bool_()), (IS_MARK, pa.bool_())])
+
+_MAX_HASH = np.uint32(0xFFFFFFFF)
+_SHINGLE_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: shingle hash = polynomial in word hashes
+_BAND_MULTIPLIER = np.uint64(0x100000001B3)  # FNV-1a's prime, to mix the values of a band into one key
+_SHINGLES_PER_CHUNK = 1 << 16  # bounds the (num_perm x shingles) matrix of one chunk to num_perm * 256 KiB
+
+
+# ---------------------------------------------------------------- normalized text and the exact key
+
+
+def normalize_text(text: str | None) -> str:
+    """NFKC, lower case, whitespace runs collapsed to one space: copies that differ only in these hash equal."""
+    return " ".join(unicodedata.normalize("NFKC", text or "").lower().split())
+
+
+def normalized_conversation(messages: Sequence[dict[str, str]]) -> str:
+    """Roles and contents, one normalized turn per line (contents hold no newline once normalized)."""
+    return "\n".join(f"{normalize_text(m['role'])}: {normalize_text(m['content'])}" for m in messages)
+
+
+def _digest(text: str) -> str:
+    return xxhash.xxh64_hexdigest(text.encode("utf-8"))
+
+
+def text_hash(text: str) -> str:
+    return xxhash.xxh3_128_hexdigest(text.encode("utf-8"))
+
+
+def exact_key(messages: Sequence[dict[str, str]]) -> str:
+    """The exact-duplicate key of a conversation."""
+    return text_hash(normalized_conversation(messages))
+
+
+# ---------------------------------------------------------------- MinHash signatures and LSH bands
+
+
+def shingle_hashes(texts: Sequence[str], shingle_words: int) -> tuple[np.ndarray, np.ndarray]:
+    """32-bit hashes of every run of ``shingle_words`` consecutive words of each text, vectorised over the batch.
+
+    Returns ``(hashes, offsets)``: text i's shingles are ``hashes[offsets[i]:offsets[i + 1]]``. A text shorter
+    than a shingle gets one shingle of all its words; a text without words gets none.
+    """
+    k = shingle_words
+    # Arrow's split keeps an empty word at a leading/trailing space and for "": trim, and null out blank texts.
+    trimmed = pc.utf8_trim_whitespace(pa.array(texts, pa.string()))
+    words = pc.utf8_split_whitespace(pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, pa.string()), trimmed))
+    word_offsets = words.offsets.to_numpy().astype(np.int64)
+    counts = np.diff(word_offsets)
+    # Hash each distinct word once (a batch repeats its vocabulary), then gather.
+    encoded = pc.dictionary_encode(words.flatten())
+    vocabulary = encoded.dictionary.cast(pa.binary()).to_pylist()
+    vocab_hashes = np.fromiter(map(xxhash.xxh64_intdigest, vocabulary), dtype=np.uint64, count=len(vocabulary))
+    word_hashes = vocab_hashes[encoded.indices.to_numpy()]
+
+    # Lay the texts out with k-1 zero words after each, so a window never reaches into the next text.
+    padded_starts = np.concatenate([[0], np.cumsum(counts + k - 1)])
+    padded = np.zeros(padded_starts[-1] + k, dtype=np.uint64)
+    padded[np.arange(len(word_hashes)) + np.repeat(padded_starts[:-1] - word_offsets[:-1], counts)] = word_hashes
+    windows = padded_starts[-1]
+    rolled = padded[:windows].copy()
+    for j in range(1, k):
+        rolled = rolled * _SHINGLE_MULTIPLIER + padded[j : j + windows]
+
+    per_text = np.where(counts == 0, 0, np.maximum(counts - k + 1, 1))
+    offsets = np.concatenate([[0], np.cumsum(per_text)])
+    starts = np.repeat(padded_starts[:-1] - offsets[:-1], per_text) + np.arange(offsets[-1])
+    folded = rolled[starts] ^ (rolled[starts] >> np.uint64(32))
+    return folded.astype(np.uint32), offsets  # astype keeps the low 32 bits
+
+
+@functools.lru_cache(maxsize=8)
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's "affine32" permutations (h -> a*h + b mod 2^32, a odd), so signatures match its MinHash."""
+    a, b = MinHash(num_perm=num_perm, seed=seed).permutations
+    return a.astype(np.uint32)[:, None], b.astype(np.uint32)[:, None]
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's finalizer, the pre-mix datasketch applies before its permutations."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def minhash_signatures(texts: Sequence[str], num_perm: int, shingle_words: int, seed: int = 1) -> np.ndarray:
+    """``(len(texts), num_perm)`` uint32 MinHash signatures of the texts' word shingles.
+
+    Equal to datasketch's ``MinHash(num_perm, seed)`` fed the same shingle hashes, but computed for the whole
+    batch at once with numpy. Measured on 10k synthetic conversations (128 permutations, one core): 0.35 s, vs
+    0.73 s for ``MinHash.bulk`` on the same shingle hashes and 1.9 s for ``MinHash.bulk`` + ``LeanMinHash`` over
+    byte shingles (datasketch's default SHA-1). A text without words gets the all-max signature; callers keep such
+    texts out of the near stage.
+    """
+    hashes, offsets = shingle_hashes(texts, shingle_words)
+    a, b = _permutations(num_perm, seed)
+    mixed = _fmix32(hashes)
+    signatures = np.full((len(texts), num_perm), _MAX_HASH, dtype=np.uint32)
+    nonempty = np.flatnonzero(np.diff(offsets) > 0)
+    starts = offsets[nonempty]
+    first = 0
+    while first < len(nonempty):
+        last = max(first + 1, int(np.searchsorted(starts, starts[first] + _SHINGLES_PER_CHUNK)))
+        lo, hi = starts[first], offsets[nonempty[last - 1] + 1]
+        permuted = a * mixed[None, lo:hi] + b  # (num_perm, shingles); uint32 arithmetic wraps mod 2^32
+        signatures[nonempty[first:last]] = np.minimum.reduceat(permuted, starts[first:last] - lo, axis=1).T
+        first = last
+    return signatures
+
+
+def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Fraction of equal signature slots (rows of ``a`` against rows of ``b``)."""
+    return np.mean(a == b, axis=-1)
+
+
+def band_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
+    """``(n, bands)`` int64 bucket keys: a hash of the band's index and its ``num_perm / bands`` values.
+
+    Two texts share a bucket in some band with probability 1 - (1 - J^rows)^bands for Jaccard J.
+    """
+    n, num_perm = signatures.shape
+    banded = signatures.reshape(n, bands, num_perm // bands).astype(np.uint64)
+    keys = np.broadcast_to(np.arange(1, bands + 1, dtype=np.uint64) * _SHINGLE_MULTIPLIER, (n, bands))
+    for value in np.moveaxis(banded, 2, 0):
+        keys = (keys ^ value) * _BAND_MULTIPLIER
+    return (keys ^ (keys >> np.uint64(29))).view(np.int64)
+
+
+# ---------------------------------------------------------------- per-block logic after a hash partition
+
+
+def smallest_per_key(keys: Sequence[str] | pa.Array, rows: Sequence[str] | pa.Array) -> pa.Array:
+    """For each row, the smallest row with the same key, or null when it is that row (the one to keep)."""
+    table = pa.table({"key": keys, "row": rows})
+    smallest = table.group_by("key").aggregate([("row", "min")])
+    representative = smallest["row_min"].take(pc.index_in(table["key"], value_set=smallest["key"]))
+    is_itself = pc.equal(representative, table["row"]).combine_chunks()
+    return pc.if_else(is_itself, pa.scalar(None, pa.string()), representative.combine_chunks())
+
+
+def verified_edges(
+    keys: np.ndarray, rows: Sequence[str], signatures: np.ndarray, threshold: float
+) -> list[tuple[str, str]]:
+    """Near-duplicate edges among one block of band rows (``keys[i]`` is row i's bucket in one band).
+
+    Rows sharing a bucket are candidate pairs, kept when their estimated Jaccard reaches ``threshold``. Kept
+    pairs are merged within this block (union-find over the block only) and each row is linked to the smallest row
+    of its local group: fewer edges, and shallow components for the global connected-components rounds.
+    """
+    names, first, node_of = np.unique(np.asarray(rows, dtype=object), return_index=True, return_inverse=True)
+    node_signatures = signatures[first]
+    order = np.argsort(keys, kind="stable")
+    sorted_keys, sorted_nodes = keys[order], node_of[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    sizes = np.diff(np.r_[starts, len(keys)])
+    # Pair every row with each later row of its bucket, one offset at a time: vectorised, and the loop runs only
+    # as many times as the largest bucket is long.
+    later_in_bucket = np.repeat(starts + sizes, sizes) - np.arange(len(keys)) - 1
+    position, offset, pairs = np.flatnonzero(later_in_bucket > 0), 1, []
+    while position.size:
+        pairs.append(np.stack([sorted_nodes[position], sorted_nodes[position + offset]], axis=1))
+        position = position[later_in_bucket[position] > offset]
+        offset += 1
+    if not pairs:
+        return []
+    pairs = np.sort(np.concatenate(pairs), axis=1)
+    pairs = np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)  # a pair shares buckets in several bands
+    similar = np.concatenate(
+        [
+            estimated_jaccard(node_signatures[chunk[:, 0]], node_signatures[chunk[:, 1]]) >= threshold
+            for chunk in np.array_split(pairs, max(1, len(pairs) // 65536))
+        ]
+    )
+    parent = list(range(len(names)))  # union by smaller index; names are sorted, so the root is the smallest row
+
+    def root(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for u, v in pairs[similar].tolist():
+        ru, rv = root(u), root(v)
+        if ru != rv:
+            parent[max(ru, rv)] = min(ru, rv)
+    linked = np.unique(pairs[similar])
+    return [(names[node], names[root(node)]) for node in linked.tolist() if root(node) != node]
+
+
+# ---------------------------------------------------------------- Arrow batch functions the step maps
+
+
+def _signature_array(signatures: np.ndarray, present: np.ndarray) -> pa.FixedSizeListArray:
+    """Signatures (one row per True in ``present``) as a fixed-size list column with nulls elsewhere."""
+    full = np.zeros((len(present), signatures.shape[1]), dtype=np.uint32)
+    full[present] = signatures
+    return pa.FixedSizeListArray.from_arrays(pa.array(full.ravel()), signatures.shape[1], mask=pa.array(~present))
+
+
+def _signature_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return array.flatten().to_numpy().reshape(len(array), array.type.list_size)
+
+
+def _charge_seconds(table: pa.Table, seconds: float) -> pa.Table:
+    """Add this batch's time to the first row's ``_stage_seconds`` (see schema.py)."""
+    if table.num_rows == 0:
+        return table
+    if STAGE_SECONDS_COLUMN in table.column_names:
+        column = table[STAGE_SECONDS_COLUMN]
+        timings = dict(column[0].as_py() or [])
+        rest = column.slice(1).chunks
+    else:
+        timings, rest = {}, [pa.nulls(table.num_rows - 1, STAGE_SECONDS_TYPE)]
+    timings[STAGE] = timings.get(STAGE, 0.0) + seconds
+    merged = pa.chunked_array([pa.array([list(timings.items())], STAGE_SECONDS_TYPE), *rest], STAGE_SECONDS_TYPE)
+    if STAGE_SECONDS_COLUMN in table.column_names:
+        return table.set_column(table.schema.get_field_index(STAGE_SECONDS_COLUMN), STAGE_SECONDS_COLUMN, merged)
+    return table.append_column(STAGE_SECONDS_COLUMN, merged)
+
+
+@dataclass(frozen=True)
+class KeyRows:
+    """Adds the row key, and for kept rows the exact hash and (if ``near``) the MinHash signature."""
+
+    spec: DedupSpec
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        started = time.perf_counter()
+        ids = [i or "" for i in table["id"].to_pylist()]
+        metas = table["meta"].to_pylist() if "meta" in table.column_names else [None] * len(ids)
+        batch = _digest("\n".join(ids))  # tells apart rows whose id and meta are both equal
+        row_keys = [
+            _KEY_SEPARATOR.join((i, _digest(m or ""), f"{batch}.{n}"))
+            for n, (i, m) in enumerate(zip(ids, metas, strict=True))
+        ]
+        kept = pc.is_null(table["drop_reason"]).to_pylist()
+        texts = [
+            normalized_conversation(messages) if is_kept and messages else None
+            for is_kept, messages in zip(kept, table["messages"].to_pylist(), strict=True)
+        ]
+        present = np.array([text is not None for text in texts], dtype=bool)
+        table = table.append_column(ROW, pa.array(row_keys, pa.string()))
+        hashes = [text_hash(t) if t is not None else None for t in texts]
+        table = table.append_column(HASH, pa.array(hashes, pa.string()))
+        if self.spec.near:
+            signatures = minhash_signatures(
+                [t for t in texts if t is not None], self.spec.num_perm, self.spec.shingle_words
+            )
+            table = table.append_column(SIG, _signature_array(signatures, present))
+        else:
+            table = table.append_column(SIG, pa.nulls(table.num_rows, pa.list_(pa.uint32(), self.spec.num_perm)))
+        return _charge_seconds(table, time.perf_counter() - started)
+
+
+def exact_block(table: pa.Table) -> pa.Table:
+    """Key rows of one hash partition: ``REP`` = the smallest row with the same exact hash (null for that row)."""
+    return pa.table({ROW: table[ROW], REP: smallest_per_key(table[HASH], table[ROW]), SIG: table[SIG]})
+
+
+def no_exact_block(table: pa.Table) -> pa.Table:
+    """Key rows when exact dedup is off: every row is its own representative."""
+    return pa.table({ROW: table[ROW], REP: pa.nulls(table.num_rows, pa.string()), SIG: table[SIG]})
+
+
+def band_rows(table: pa.Table, bands: int) -> pa.Table:
+    """One row per (representative, band): ``BAND`` key, row key, and the whole signature for verification."""
+    signatures = _signature_matrix(table[SIG])
+    keys = band_keys(signatures, bands).ravel()
+    repeated = np.repeat(signatures, bands, axis=0)
+    return pa.table(
+        {
+            BAND: pa.array(keys, pa.int64()),
+            ROW: table[ROW].take(np.repeat(np.arange(table.num_rows), bands)),
+            SIG: pa.FixedSizeListArray.from_arrays(pa.array(repeated.ravel()), signatures.shape[1]),
+        }
+    )
+
+
+def near_block(table: pa.Table, threshold: float) -> pa.Table:
+    """Band rows of one hash partition -> verified edges ``src, dst``."""
+    edges = []
+    if table.num_rows:
+        keys = table[BAND].to_numpy()
+        edges = verified_edges(keys, table[ROW].to_pylist(), _signature_matrix(table[SIG]), threshold)
+    return pa.table({"src": [e[0] for e in edges], "dst": [e[1] for e in edges]}, schema=_EDGE_SCHEMA)
+
+
+def exact_marks(edges: pa.Table, with_label: bool) -> pa.Table:
+    """Exact copies as marks; their label comes from connected components unless ``with_label``."""
+    label = edges["dst"] if with_label else pa.nulls(edges.num_rows, pa.string())
+    return _marks(edges["src"], label, exact=True)
+
+
+def near_marks(labels: pa.Table) -> pa.Table:
+    """Nodes labelled by another row's key: each is a duplicate of that row."""
+    labels = labels.filter(pc.not_equal(labels["node"], labels["label"]))
+    return _marks(labels["node"], labels["label"], exact=False)
+
+
+def _marks(rows: pa.ChunkedArray, labels: pa.ChunkedArray | pa.Array, exact: bool) -> pa.Table:
+    flags = [pa.array([exact] * len(rows), pa.bool_()), pa.array([True] * len(rows), pa.bool_())]
+    return pa.table([rows, labels, *flags], schema=_MARK_SCHEMA)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns (missing ones null): rows and marks must match to share a shuffle."""
+    n = table.num_rows
+    arrays = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def apply_marks(block: pa.Table) -> pa.Table:
+    """Rows and marks of one row-key partition -> the rows, duplicates marked, ``dup_of`` set, temp columns gone."""
+    started = time.perf_counter()
+    is_mark = pc.fill_null(block[IS_MARK], False)
+    # An exact copy has two marks when near dedup runs: the EXACT flag, and its group's label from components.
+    marks = block.filter(is_mark).group_by(ROW).aggregate([(LABEL, "max"), (EXACT, "any")])
+    rows = block.filter(pc.invert(is_mark))
+    where = pc.index_in(rows[ROW], value_set=marks[ROW])
+    label = marks[f"{LABEL}_max"].take(where)
+    reason = pc.if_else(pc.fill_null(marks[f"{EXACT}_any"].take(where), False), EXACT_REASON, NEAR_REASON)
+    reason = pc.if_else(pc.is_valid(label), reason, pa.scalar(None, pa.string()))
+    dup_of = pc.list_element(pc.split_pattern(label, _KEY_SEPARATOR, max_splits=1), 0)
+    rows = rows.set_column(
+        rows.schema.get_field_index("drop_reason"), "drop_reason", pc.coalesce(rows["drop_reason"], reason)
+    )
+    rows = rows.drop_columns([c for c in (ROW, LABEL, EXACT, IS_MARK, DUP_OF) if c in rows.column_names])
+    rows = rows.append_column(DUP_OF, dup_of.cast(pa.string()))
+    return _charge_seconds(rows, time.perf_counter() - started)
+
+
+def no_duplicates(table: pa.Table) -> pa.Table:
+    return table.append_column(DUP_OF, pa.nulls(table.num_rows, pa.string()))
+
+
+# ---------------------------------------------------------------- the step
+
+
+def default_num_partitions() -> int:
+    return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+
+@dataclass(frozen=True)
+class DedupStep:
+    """Marks exact and near duplicates (see the module docstring); adds ``dup_of``. Row order is not kept."""
+
+    spec: DedupSpec
+
+    def __call__(self, ds: Dataset) -> Dataset:
+        spec = self.spec
+        if not (spec.exact or spec.near):
+            return ds.map_batches(no_duplicates, batch_format="pyarrow")
+        # The one full materialization: the keyed rows feed both the key tables below and the final shuffle, and
+        # without it everything upstream (read, filters, pii) would run twice.
+        keyed = ds.map_batches(KeyRows(spec), batch_format="pyarrow").materialize()
+        if keyed.count() == 0:
+            return keyed.drop_columns([ROW, HASH, SIG]).map_batches(no_duplicates, batch_format="pyarrow")
+        partitions = spec.num_partitions or default_num_partitions()
+        keys = keyed.filter(expr=col(HASH).is_not_null()).select_columns([ROW, HASH, SIG])
+        if spec.exact:
+            keys = keys.repartition(partitions, keys=[HASH]).map_batches(
+                exact_block, batch_format="pyarrow", batch_size=None
+            )
+        else:
+            keys = keys.map_batches(no_exact_block, batch_format="pyarrow")
+        keys = keys.materialize()  # small (row key + signature); read by both the exact and the near branch
+        exact_edges = (
+            keys.filter(expr=col(REP).is_not_null()).select_columns([ROW, REP]).rename_columns({ROW: "src", REP: "dst"})
+        )
+        if spec.near:
+            near_edges = (
+                keys.filter(expr=col(REP).is_null() & col(SIG).is_not_null())
+                .map_batches(functools.partial(band_rows, bands=spec.bands), batch_format="pyarrow")
+                .repartition(partitions, keys=[BAND])
+                .map_batches(
+                    functools.partial(near_block, threshold=spec.threshold), batch_format="pyarrow", batch_size=None
+                )
+            )
+            components = connected_components(exact_edges.union(near_edges), partitions, spec.max_iterations)
+            logger.info("dedup: connected components took %d rounds", components.rounds)
+            marks = components.labels.map_batches(near_marks, batch_format="pyarrow").union(
+                exact_edges.map_batches(functools.partial(exact_marks, with_label=False), batch_format="pyarrow")
+            )
+        else:
+            marks = exact_edges.map_batches(functools.partial(exact_marks, with_label=True), batch_format="pyarrow")
+
+        # The only shuffle of the full rows: marks meet their rows by row key. (Ray's join needs polars, which
+        # chatforge does not depend on; hash-partitioning the union does the same job, given one schema.)
+        rows_schema = keyed.schema().base_schema
+        schema = pa.schema([f for f in rows_schema if f.name not in (HASH, SIG, ROW)] + list(_MARK_SCHEMA))
+        return (
+            keyed.map_batches(functools.partial(conform, schema=schema), batch_format="pyarrow")
+            .union(marks.map_batches(functools.partial(conform, schema=schema), batch_format="pyarrow"))
+            .repartition(partitions, keys=[ROW])
+            .map_batches(apply_marks, batch_format="pyarrow", batch_size=None)
+        )

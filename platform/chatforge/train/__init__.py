@@ -1,0 +1,1 @@
+"""Fine-tuning on Ray Train with DeepSpeed: tokenisation, model building, the loop, the trainer, export."""

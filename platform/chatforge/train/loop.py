@@ -1,0 +1,295 @@
+"""The training loop each Ray Train worker runs: step, accumulate, clip, schedule, log, evaluate, checkpoint, export.
+
+Read top to bottom: `train_loop_per_worker` builds the model and the DeepSpeed engine, resumes from Ray's last
+checkpoint if there is one, then runs optimizer steps until ``max_steps`` or early stopping, and finally gathers
+the full weights into a Hugging Face model directory that goes out with the last checkpoint.
+DeepSpeed does accumulation (``gradient_accumulation_steps``), clipping and the LR scheduler step inside
+``engine.step()``; every rank takes the same number of micro-steps because Ray splits the train set equally.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from chatforge.config import Spec
+from chatforge.train.deepspeed import deepspeed_config, lr_multiplier
+from chatforge.train.model import apply_lora, build_model, count_parameters, resolve_dtype
+from chatforge.train.tokenize import IGNORE_INDEX, PAD_SEQUENCE_ID, model_inputs
+
+MODEL_DIR = "model"  # inside the final checkpoint: the exported Hugging Face model
+ADAPTER_DIR = "adapter"  # LoRA runs: the adapter alone
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "loop_state.json"
+TENSOR_KEYS = ("input_ids", "labels", "position_ids", "sequence_ids")
+
+# Peak dense bf16 FLOP/s per GPU, for MFU (by device-name substring; unknown devices report no MFU).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+@dataclass
+class LoopState:
+    """What a resume needs beyond DeepSpeed's own state (weights, optimizer, scheduler)."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_batches_in_epoch: int = 0  # data position: micro-batches of the current epoch already consumed
+    best_eval_loss: float = math.inf
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _init_distributed(use_gpu: bool) -> None:
+    import shutil as _shutil
+    import sys
+
+    import deepspeed
+
+    if not use_gpu and _shutil.which("c++") is None:
+        # On CPU DeepSpeed JIT-builds a shared-memory comm op and fails hard without a compiler; without it the
+        # collectives are plain gloo (same results). RAY-NOTES: patch the module attribute, found in sys.modules.
+        module = sys.modules.get("deepspeed.comm.torch")
+        if module is not None and hasattr(module, "build_shm_op"):
+            module.build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms and embeddings' 1-D params."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _batches(shard, batch_size: int, state: LoopState) -> Iterator[dict[str, torch.Tensor]]:
+    """Micro-batches forever, epoch after epoch, resuming at the saved data position."""
+    skip = state.micro_batches_in_epoch
+    while True:
+        seen = 0
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, dtypes=torch.long):
+            seen += 1
+            if skip:
+                skip -= 1
+                continue
+            state.micro_batches_in_epoch += 1
+            yield batch
+        if seen == 0:
+            raise ValueError(
+                f"a worker got no full batch of {batch_size} rows: too little training data for "
+                "train.batch_size x scaling.num_workers (lower them, or add data)"
+            )
+        state.epoch += 1
+        state.micro_batches_in_epoch = 0
+
+
+def _on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: batch[k].to(device, non_blocking=True) for k in TENSOR_KEYS}
+
+
+def _allreduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def evaluate(engine, batches: list[dict[str, torch.Tensor]], domains: list[str], device) -> dict[str, float]:
+    """Token-weighted val loss, overall and per source, averaged over all ranks (so every rank decides alike)."""
+    engine.eval()
+    sums = [0.0] * len(domains)
+    counts = [0.0] * len(domains)
+    with torch.no_grad():
+        for batch in batches:
+            inputs = _on_device(batch, device)
+            labels = inputs["labels"]
+            logits = engine(**{**model_inputs(inputs), "labels": None}).logits.float()
+            token_loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            ).view(labels.shape[0], -1)
+            supervised = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+            for row, domain in enumerate(batch["domain"].tolist()):
+                sums[domain] += token_loss[row].sum().item()
+                counts[domain] += supervised[row].item()
+    engine.train()
+    totals = _allreduce_sum(sums + counts, device)
+    sums, counts = totals[: len(domains)], totals[len(domains) :]
+    metrics = {"eval_loss": sum(sums) / max(sum(counts), 1.0)}
+    if len(domains) > 1:
+        metrics.update({f"eval_loss/{name}": s / c for name, s, c in zip(domains, sums, counts) if c})
+    return metrics
+
+
+def _mfu(tokens_per_s: float, params: int, world: int) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    return None if peak is None else 6 * params * tokens_per_s / (peak * world)
+
+
+def _save(engine, state: LoopState, rank: int, metrics: dict[str, Any], export=None) -> None:
+    """Every rank writes its DeepSpeed shards to its own dir; Ray merges the ranks' dirs into one checkpoint."""
+    import ray.train
+
+    tmp = tempfile.mkdtemp(prefix=f"chatforge-ckpt-r{rank}-")
+    try:
+        engine.save_checkpoint(tmp, tag=f"step{state.step}", client_state={"loop_state": asdict(state)})
+        if rank == 0:
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(asdict(state), f)
+            with open(os.path.join(tmp, METRICS_FILE), "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in state.history)
+        if export is not None:
+            export(tmp)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _restore(engine, state: LoopState) -> LoopState:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return state
+    with checkpoint.as_directory() as directory:
+        _, client_state = engine.load_checkpoint(directory)
+    restored = LoopState(**client_state["loop_state"])
+    restored.history.append({"step": restored.step, "event": "resumed"})
+    return restored
+
+
+def _export(engine, spec: Spec, tokenizer, rank: int, stage: int, directory: str) -> None:
+    """Gather the full weights (ZeRO-3 shards included) and write a Hugging Face model dir on rank 0 (safetensors)."""
+    import deepspeed
+
+    module = engine.module
+    gather = deepspeed.zero.GatheredParameters(list(module.parameters())) if stage == 3 else nullcontext()
+    with gather:
+        if rank != 0:
+            return
+        if spec.method == "lora":
+            module.save_pretrained(os.path.join(directory, ADAPTER_DIR))
+            module = module.merge_and_unload()
+        module.save_pretrained(os.path.join(directory, MODEL_DIR))  # safetensors; inside the gather under ZeRO-3
+        tokenizer.save_pretrained(os.path.join(directory, MODEL_DIR))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+
+    spec = Spec.model_validate(config["spec"])
+    tokenizer = config["tokenizer"]
+    loop, use_gpu = spec.train, spec.scaling.use_gpu
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    _init_distributed(use_gpu)
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    if not use_gpu:
+        torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+
+    torch.manual_seed(loop.seed)  # the same initial weights on every rank
+    dtype = resolve_dtype(spec.model.dtype) if use_gpu else torch.float32
+    model = build_model(spec.model, tokenizer)
+    if spec.method == "lora":
+        model = apply_lora(model, spec.lora, config.get("trainable_token_ids", ()))
+    trainable, total = count_parameters(model)
+    ds_config = deepspeed_config(spec.deepspeed, loop, use_gpu=use_gpu, bf16=dtype == torch.bfloat16)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=_param_groups(model, loop.weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_multiplier, loop=loop)),
+    )
+    state = _restore(engine, LoopState())
+    val_batches = list(
+        batch
+        for _, batch in zip(
+            range(loop.eval_batches),
+            ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=loop.batch_size, dtypes=torch.long),
+        )
+    )
+    micro_batches = _batches(ray.train.get_dataset_shard("train"), loop.batch_size, state)
+    fault_at = config.get("fault_at_step")
+    resumed = state.step > 0
+
+    engine.train()
+    window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    while state.step < loop.max_steps and not state.stopped_early:
+        for _ in range(loop.grad_accum):
+            batch = _on_device(next(micro_batches), device)
+            loss = engine(**model_inputs(batch)).loss
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps optimizer, clipping and scheduler at the accumulation boundary
+            window_loss += loss.item()
+            window_micro += 1
+            window_tokens += int((batch["sequence_ids"] != PAD_SEQUENCE_ID).sum())
+        state.step += 1
+        if fault_at is not None and state.step == fault_at and not resumed and rank == world - 1:
+            os._exit(1)  # fault injection for resume tests: this worker process dies mid-run
+
+        metrics: dict[str, Any] = {}
+        last = state.step == loop.max_steps
+        if state.step % loop.log_every == 0 or last:
+            loss_sum, micro, tokens = _allreduce_sum([window_loss, window_micro, window_tokens], device)
+            elapsed = time.perf_counter() - window_start
+            grad_norm = engine.get_global_grad_norm()
+            metrics = {
+                "step": state.step,
+                "epoch": state.epoch,
+                "loss": loss_sum / micro,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": tokens / elapsed,
+            }
+            if (mfu := _mfu(metrics["tokens_per_s"], total, world)) is not None:
+                metrics["mfu"] = mfu
+            state.history.append(metrics)
+            window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        if state.step % loop.eval_every == 0 or last:
+            evaluation = {"step": state.step, **evaluate(engine, val_batches, config["domains"], device)}
+            state.history.append(evaluation)
+            metrics = {**metrics, **evaluation}
+            if evaluation["eval_loss"] < state.best_eval_loss:
+                state.best_eval_loss, state.evals_without_improvement = evaluation["eval_loss"], 0
+            else:
+                state.evals_without_improvement += 1
+            patience = loop.early_stopping_patience
+            state.stopped_early = bool(patience) and state.evals_without_improvement >= patience
+        if state.stopped_early or last:
+            break
+        if state.step % loop.checkpoint_every == 0:
+            _save(engine, state, rank, metrics or {"step": state.step})
+        elif metrics:
+            ray.train.report(metrics)
+
+    last_log = next(row for row in reversed(state.history) if "loss" in row)
+    last_eval = next(row for row in reversed(state.history) if "eval_loss" in row)
+    final = {
+        **last_log,
+        **last_eval,
+        "step": state.step,
+        "stopped_early": state.stopped_early,
+        "best_eval_loss": state.best_eval_loss,
+        "trainable_params": trainable,
+        "total_params": total,
+    }
+    stage = spec.deepspeed.zero_stage
+    _save(engine, state, rank, final, export=partial(_export, engine, spec, tokenizer, rank, stage))

@@ -1,0 +1,277 @@
+"""`chatforge train`: curated data -> tokenized, packed Ray Datasets -> a Ray Train `TorchTrainer` -> OUTPUT/.
+
+OUTPUT/model/          Hugging Face model dir (safetensors, config, tokenizer with its chat template)
+OUTPUT/adapter/        LoRA runs: the adapter alone
+OUTPUT/checkpoints/    Ray Train checkpoints (DeepSpeed shards of every rank)
+OUTPUT/metrics.jsonl   one JSON object per logged step (loss, lr, grad_norm, tokens_per_s) and per eval
+OUTPUT/training.json   resolved config, data fingerprints, data and final metrics, chatforge version
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+import chatforge
+from chatforge.config import Spec, TrainDataSpec, resolved
+from chatforge.train.loop import ADAPTER_DIR, METRICS_FILE, MODEL_DIR, TENSOR_KEYS, train_loop_per_worker
+from chatforge.train.model import load_tokenizer
+from chatforge.train.tokenize import make_rows, tokenize_conversation
+
+TOKENIZER_TRAINING_CONVERSATIONS = 50_000
+
+
+class TrainDataError(ValueError):
+    """Training data that cannot be used; the message names the directory."""
+
+
+@dataclass
+class TrainingResult:
+    output: str
+    summary: dict[str, Any]
+
+
+# ---------------------------------------------------------------- data
+
+
+def resolve_data_dir(path: str) -> str:
+    """A curation output's data/ dir (holding train/ and val/); the curation output dir itself is accepted too."""
+    directory = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(os.path.join(directory, "data", "train")):
+        directory = os.path.join(directory, "data")
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(directory, split)):
+            raise TrainDataError(f"{path}: no {split}/ split here; pass a curation output's data/ directory")
+    return directory
+
+
+def data_fingerprint(data_dir: str) -> str | None:
+    manifest = os.path.join(os.path.dirname(data_dir), "manifest.json")
+    if not os.path.exists(manifest):
+        return None
+    with open(manifest, encoding="utf-8") as f:
+        return json.load(f).get("fingerprint")
+
+
+def with_tag(messages: list[dict[str, str]], tag: str | None) -> list[dict[str, str]]:
+    """A dataset's domain tag as the system prompt (or at the head of the conversation's own)."""
+    if tag is None:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"[{tag}] {messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": f"[{tag}]"}, *messages]
+
+
+class TokenizeSamples:
+    """Conversations -> one tokenized sample per row (variable length); ``supervised`` = 0 marks a skipped one."""
+
+    def __init__(self, tokenizer, max_length: int, tag: str | None, domain: int):
+        self.tokenizer, self.max_length, self.tag, self.domain = tokenizer, max_length, tag, domain
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        ids, labels, supervised = [], [], []
+        for messages in table.column("messages").to_pylist():
+            sample = tokenize_conversation(with_tag(messages, self.tag), self.tokenizer, self.max_length)
+            ids.append(sample.input_ids if sample else [])
+            labels.append(sample.labels if sample else [])
+            supervised.append(sample.num_supervised if sample else 0)
+        return pa.table(
+            {
+                "input_ids": pa.array(ids, pa.list_(pa.int32())),
+                "labels": pa.array(labels, pa.list_(pa.int32())),
+                "supervised": pa.array(supervised, pa.int32()),
+                "domain": pa.array([self.domain] * len(ids), pa.int32()),
+            }
+        )
+
+
+class PackRows:
+    """Samples -> fixed-length rows (packed, or one padded sample per row) with position and sequence ids."""
+
+    def __init__(self, seq_len: int, pad_id: int, packing: bool):
+        self.seq_len, self.pad_id, self.packing = seq_len, pad_id, packing
+
+    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        from chatforge.train.tokenize import TokenizedSample
+
+        samples = [
+            TokenizedSample(i, lab)
+            for i, lab in zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist())
+        ]
+        rows = list(make_rows(samples, self.seq_len, self.pad_id, self.packing))
+        out = {
+            key: np.stack([row[key] for row in rows]).astype(np.int32)
+            if rows
+            else np.zeros((0, self.seq_len), np.int32)
+            for key in TENSOR_KEYS
+        }
+        out["domain"] = np.full(len(rows), table.column("domain")[0].as_py() if len(table) else 0, np.int32)
+        out["n_tokens"] = (out["sequence_ids"] >= 0).sum(axis=1).astype(np.int64)
+        return out
+
+
+def _training_texts(data: list[str]):
+    import ray.data
+
+    ds = ray.data.read_parquet([os.path.join(d, "train") for d in data], columns=["messages"])
+    for row in ds.limit(TOKENIZER_TRAINING_CONVERSATIONS).iter_rows():
+        for message in row["messages"]:
+            yield message["content"]
+
+
+def prepare_datasets(spec: Spec, data: list[TrainDataSpec], data_dirs: list[str], tokenizer):
+    """Tokenize and pack train and val of every dataset (mixed by weight), materialized once for all epochs."""
+    import ray.data
+
+    seq_len, pad_id = spec.model.max_length, tokenizer.pad_token_id
+    samples = {"train": [], "val": []}
+    for domain, (source, directory) in enumerate(zip(data, data_dirs)):
+        for split in samples:
+            ds = ray.data.read_parquet(os.path.join(directory, split), columns=["messages"])
+            fn = TokenizeSamples(tokenizer, seq_len, source.tag, domain)
+            samples[split].append(ds.map_batches(fn, batch_format="pyarrow", batch_size=256).materialize())
+    counts = [ds.count() for ds in samples["train"]]
+    if not any(counts):
+        raise TrainDataError("the training data has no conversations in train/")
+    # Mixing by weight: keep each dataset's share at weight / total by down-sampling the over-represented ones.
+    density = [source.weight / n if n else 0.0 for source, n in zip(data, counts)]
+    fractions = [d / max(density) for d in density]
+    stats: dict[str, Any] = {"datasets": []}
+    packed = {}
+    for split, parts in samples.items():
+        rows = []
+        for domain, ds in enumerate(parts):
+            skipped = ds.count() - ds.filter(expr=_col("supervised") > 0).count()
+            usable = ds.filter(expr=_col("supervised") > 0)
+            if split == "train" and fractions[domain] < 1.0:
+                usable = usable.random_sample(fractions[domain], seed=spec.train.seed)
+            rows.append(usable)
+            if split == "train":
+                stats["datasets"].append(
+                    {
+                        "path": data_dirs[domain],
+                        "weight": data[domain].weight,
+                        "tag": data[domain].tag,
+                        "conversations": counts[domain],
+                        "skipped_no_supervised_tokens": skipped,
+                        "sampled_fraction": round(fractions[domain], 6),
+                    }
+                )
+        union = rows[0].union(*rows[1:]) if len(rows) > 1 else rows[0]
+        packer = PackRows(seq_len, pad_id, spec.train.packing)
+        packed[split] = union.map_batches(packer, batch_format="pyarrow", batch_size=1024).materialize()
+    n_rows = packed["train"].count()
+    if n_rows == 0 or packed["val"].count() == 0:
+        raise TrainDataError("after tokenization there is no train or no val row (are the conversations empty?)")
+    tokens = packed["train"].sum("n_tokens")
+    stats.update(
+        train_rows=n_rows,
+        val_rows=packed["val"].count(),
+        train_tokens=int(tokens),
+        packing_efficiency=round(tokens / (n_rows * seq_len), 4),
+        skipped_no_supervised_tokens=sum(d["skipped_no_supervised_tokens"] for d in stats["datasets"]),
+    )
+    return packed["train"], packed["val"], stats
+
+
+def _col(name: str):
+    from ray.data.expressions import col
+
+    return col(name)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _added_token_ids(spec: Spec, tokenizer) -> list[int]:
+    """Tokens the tokenizer added to a pretrained model's vocabulary (LoRA must train their embeddings)."""
+    if spec.model.name_or_path is None:
+        return []
+    from transformers import AutoConfig
+
+    vocab_size = AutoConfig.from_pretrained(spec.model.name_or_path).vocab_size
+    return sorted(i for i in tokenizer.get_added_vocab().values() if i >= vocab_size)
+
+
+def run_training(spec: Spec, fault_at_step: int | None = None, progress=None) -> TrainingResult:
+    """Train per ``spec`` into ``spec.train.output``; Ray must already be initialised.
+
+    ``fault_at_step`` kills one worker process at that step on the first attempt (to exercise resume in tests).
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    if not spec.train.data:
+        raise TrainDataError("no training data: pass --data DIR (a curation output's data/) or set train.data")
+    output = os.path.abspath(spec.train.output)
+    os.makedirs(output, exist_ok=True)
+    data_dirs = [resolve_data_dir(d.path) for d in spec.train.data]
+
+    say("tokenizer")
+    texts = _training_texts(data_dirs) if spec.model.name_or_path is None else None
+    tokenizer = load_tokenizer(spec.model, texts)
+    say("tokenizing and packing")
+    train_ds, val_ds, data_stats = prepare_datasets(spec, spec.train.data, data_dirs, tokenizer)
+    domains = [d.tag or Path(p).parent.name or f"data{i}" for i, (d, p) in enumerate(zip(spec.train.data, data_dirs))]
+
+    scaling = spec.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": resolved(spec),
+            "tokenizer": tokenizer,
+            "domains": domains,
+            "trainable_token_ids": _added_token_ids(spec, tokenizer),
+            "fault_at_step": fault_at_step,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name="train",
+            storage_path=os.path.join(output, "checkpoints"),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    say(f"training on {scaling.num_workers} workers (ZeRO-{spec.deepspeed.zero_stage}, {spec.method})")
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint: {result.error}")
+
+    with result.checkpoint.as_directory() as directory:
+        for name in (MODEL_DIR, ADAPTER_DIR):
+            target = os.path.join(output, name)
+            shutil.rmtree(target, ignore_errors=True)
+            if os.path.isdir(os.path.join(directory, name)):
+                shutil.copytree(os.path.join(directory, name), target)
+        shutil.copyfile(os.path.join(directory, METRICS_FILE), os.path.join(output, METRICS_FILE))
+    summary = {
+        "model_dir": os.path.join(output, MODEL_DIR),
+        "final_metrics": result.metrics,
+        "data": data_stats,
+        "data_fingerprints": [data_fingerprint(d) for d in data_dirs],
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "config": resolved(spec),
+        "chatforge_version": chatforge.__version__,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    with open(os.path.join(output, "training.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    return TrainingResult(output=output, summary=summary)

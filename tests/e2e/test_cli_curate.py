@@ -1,0 +1,75 @@
+"""`chatforge curate` as a user runs it: a real process, a local Ray, files in and out, exit codes and messages."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def chatforge(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "chatforge.cli", *args], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
+
+
+def test_curate_openai_jsonl_with_bad_lines(tmp_path):
+    good = [
+        {
+            "id": f"g{i}",
+            "messages": [
+                {"role": "user", "content": f"question number {i} about gardens and rivers"},
+                {"role": "assistant", "content": f"answer {i}: water the garden at dawn"},
+            ],
+        }
+        for i in range(40)
+    ]
+    lines = [json.dumps(r) for r in good]
+    lines.insert(10, '{"messages": [{"role": "user", "content": "unclosed"}')
+    lines.insert(20, '{"messages": [{"role": "robot", "content": "beep"}, {"role": "assistant", "content": "x"}]}')
+    lines.insert(30, "[1, 2, 3]")
+    dump = tmp_path / "logs.jsonl"
+    dump.write_text("\n".join(lines) + "\n" + '{"messages": [{"role": "user", "cont')
+    out = tmp_path / "out"
+
+    result = chatforge(
+        "curate",
+        "pipelines/curate.yaml",
+        "--input",
+        str(dump),
+        "--output",
+        str(out),
+        "--json",
+        "ray.num_cpus=2",
+        "curate.dedup.near=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads(result.stdout.strip().splitlines()[-1])
+    assert manifest["input_records"] == 44
+    assert manifest["kept"] == 40
+    assert manifest["dropped"] == {
+        "malformed:invalid_json": 2,
+        "malformed:unknown_role": 1,
+        "malformed:not_an_object": 1,
+    }
+    assert "malformed:unknown_role" in result.stderr  # the summary table names the reasons
+    assert (out / "manifest.json").exists() and list((out / "dropped").glob("*.parquet"))
+
+
+def test_curate_bad_spec_key_is_a_clear_error(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("curate:\n  filter:\n    min_turns: 2\n")
+    result = chatforge("curate", str(spec))
+    assert result.returncode == 2
+    assert "curate.filter: unknown key" in result.stderr and str(spec) in result.stderr
+
+
+def test_curate_missing_input_is_a_clear_error(tmp_path):
+    result = chatforge("curate", "pipelines/curate.yaml", "--input", str(tmp_path / "nope.jsonl"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr

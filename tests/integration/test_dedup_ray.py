@@ -1,0 +1,145 @@
+"""DedupStep on a 2-CPU Ray: seeded exact copies, one-word near copies and a near-copy chain among 300 conversations."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow as pa
+import pytest
+
+from chatforge.config import DedupSpec
+from chatforge.data.dedup import DedupStep, estimated_jaccard, minhash_signatures, normalized_conversation
+from chatforge.data.schema import BASE_SCHEMA, STAGE_SECONDS_COLUMN
+
+pytestmark = pytest.mark.integration
+
+SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "pe", "su", "do", "gu", "ha", "ji", "be", "wo", "fy"]
+ORIGINALS = 300
+EXACT_COPIES = range(0, 30)  # originals that get a whitespace/case copy
+NEAR_COPIES = range(30, 80)  # originals that get a copy with one word changed
+# 256 permutations in 32 bands of 8 rows: a one-word change in 60 words (Jaccard ~0.84) is found, two (~0.70) are not.
+SPEC = DedupSpec(num_perm=256, bands=32, threshold=0.77)
+
+
+def vocabulary(rng: random.Random, size: int = 400) -> list[str]:
+    words: set[str] = set()
+    while len(words) < size:
+        words.add("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))))
+    return sorted(words)
+
+
+def conversation(rng: random.Random, words: list[str], n_words: int) -> list[dict[str, str]]:
+    turns = rng.randint(2, 4)
+    cuts = sorted(rng.sample(range(1, n_words), turns - 1))
+    spans = zip([0, *cuts], [*cuts, n_words], strict=True)
+    return [
+        {"role": ("user", "assistant")[t % 2], "content": " ".join(rng.choice(words) for _ in range(end - start))}
+        for t, (start, end) in enumerate(spans)
+    ]
+
+
+def with_word_changed(messages: list[dict[str, str]], position: int, word: str) -> list[dict[str, str]]:
+    """A copy with the word at ``position`` (counted over the whole conversation) replaced."""
+    out = []
+    for message in messages:
+        words = message["content"].split()
+        if 0 <= position < len(words):
+            words[position] = word
+        position -= len(words)
+        out.append({"role": message["role"], "content": " ".join(words)})
+    return out
+
+
+def with_whitespace_and_case_changed(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": "  " + m["content"].upper().replace(" ", " \n\t ") + " "} for m in messages]
+
+
+def record(record_id: str, messages: list[dict[str, str]], drop_reason: str | None = None, origin: str = "") -> dict:
+    meta = json.dumps({"origin": origin or record_id})
+    return {
+        "id": record_id,
+        "source": "syn",
+        "messages": messages,
+        "meta": meta,
+        "raw": None,
+        "drop_reason": drop_reason,
+    }
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """Originals ``syn:oNNN``; every copy gets a larger id (x..., p..., c1, c2) so the original is the one kept."""
+    rng = random.Random(2024)
+    words = vocabulary(rng)
+    originals = [conversation(rng, words, rng.randint(60, 150)) for _ in range(ORIGINALS)]
+    records = [record(f"syn:o{i:03d}", messages) for i, messages in enumerate(originals)]
+    records += [record(f"syn:x{i:03d}", with_whitespace_and_case_changed(originals[i])) for i in EXACT_COPIES]
+    for i in NEAR_COPIES:
+        position = rng.randrange(sum(len(m["content"].split()) for m in originals[i]))
+        records.append(record(f"syn:p{i:03d}", with_word_changed(originals[i], position, "qqqq")))
+    # a~b and b~c, but a !~ c: two single-word edits far apart in 60 words
+    chain_a = conversation(rng, words, 60)
+    chain_b = with_word_changed(chain_a, 12, "qqqq")
+    chain_c = with_word_changed(chain_b, 47, "zzzz")
+    records += [record("syn:c0", chain_a), record("syn:c1", chain_b), record("syn:c2", chain_c)]
+    # Only kept rows take part: a dropped copy with a smaller id must not displace the original.
+    records.append(record("syn:a005", originals[5], drop_reason="filters:too_short"))
+    # Same id, same content, another origin (ids fall back to a content hash): exactly one of the two is kept.
+    records.append(record("syn:o010", originals[10], origin="other-file#0"))
+    random.Random(0).shuffle(records)
+    return records, (chain_a, chain_b, chain_c)
+
+
+def test_chain_premise(corpus):
+    """The chain tests connected components only if a and c are not similar enough on their own."""
+    _, chain = corpus
+    a, b, c = minhash_signatures([normalized_conversation(m) for m in chain], SPEC.num_perm, SPEC.shingle_words)
+    assert estimated_jaccard(a, b) >= SPEC.threshold and estimated_jaccard(b, c) >= SPEC.threshold
+    assert estimated_jaccard(a, c) < SPEC.threshold
+
+
+def test_dedup_marks_copies_and_keeps_one_row_per_group(ray_local, corpus):
+    records, _ = corpus
+    table = pa.Table.from_pylist(records, schema=BASE_SCHEMA)
+    ds = ray_local.data.from_arrow([table.slice(start, 60) for start in range(0, table.num_rows, 60)])
+
+    rows = DedupStep(SPEC)(ds).take_all()
+
+    assert len(rows) == len(records)
+    assert set(rows[0]) == {*BASE_SCHEMA.names, "dup_of", STAGE_SECONDS_COLUMN}
+    by_id: dict[str, list[dict]] = {}
+    for row in rows:
+        by_id.setdefault(row["id"], []).append(row)
+    state = {rid: (found[0]["drop_reason"], found[0]["dup_of"]) for rid, found in by_id.items()}
+
+    for i in EXACT_COPIES:
+        assert state[f"syn:x{i:03d}"] == ("duplicate:exact", f"syn:o{i:03d}")
+    found = [state[f"syn:p{i:03d}"] == ("duplicate:near", f"syn:o{i:03d}") for i in NEAR_COPIES]
+    assert sum(found) >= 0.9 * len(found)
+    assert [state[f"syn:c{i}"] for i in range(3)] == [(None, None), *[("duplicate:near", "syn:c0")] * 2]
+    for i in range(ORIGINALS):
+        if i != 10:
+            assert state[f"syn:o{i:03d}"] == (None, None), i
+    assert state["syn:a005"] == ("filters:too_short", None)
+    same_id = sorted((r["drop_reason"] or "", r["dup_of"] or "") for r in by_id["syn:o010"])
+    assert same_id == [("", ""), ("duplicate:exact", "syn:o010")]
+
+    kept = {row["id"] for row in rows if row["drop_reason"] is None}
+    assert {row["dup_of"] for row in rows if row["dup_of"] is not None} <= kept
+    assert all(row["drop_reason"].startswith("duplicate:") for row in rows if row["dup_of"] is not None)
+    seconds = sum(dict(row[STAGE_SECONDS_COLUMN] or []).get("dedup", 0.0) for row in rows)
+    assert seconds > 0
+
+
+def test_exact_only_leaves_near_copies_alone(ray_local, corpus):
+    records, _ = corpus
+    ds = ray_local.data.from_arrow(pa.Table.from_pylist(records, schema=BASE_SCHEMA))
+
+    rows = DedupStep(DedupSpec(near=False, num_partitions=3))(ds).take_all()
+
+    reasons = {row["id"]: row["drop_reason"] for row in rows if row["id"] != "syn:o010"}
+    assert len(rows) == len(records)
+    assert all(reasons[f"syn:x{i:03d}"] == "duplicate:exact" for i in EXACT_COPIES)
+    assert all(reasons[f"syn:p{i:03d}"] is None for i in NEAR_COPIES)
+    assert [reasons[f"syn:c{i}"] for i in range(3)] == [None, None, None]

@@ -1,0 +1,231 @@
+"""Dedup's pure pieces: normalization, shingles, MinHash, LSH bands, per-block marking, and one CC round."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasketch import MinHash
+
+from chatforge.config import DedupSpec
+from chatforge.data import components
+from chatforge.data.dedup import (
+    DUP_OF,
+    EXACT,
+    HASH,
+    IS_MARK,
+    LABEL,
+    ROW,
+    SIG,
+    KeyRows,
+    apply_marks,
+    band_keys,
+    estimated_jaccard,
+    exact_key,
+    minhash_signatures,
+    normalize_text,
+    shingle_hashes,
+    smallest_per_key,
+    verified_edges,
+)
+from chatforge.data.schema import BASE_SCHEMA, STAGE_SECONDS_COLUMN
+
+WORDS = [f"w{i}x{chr(97 + i % 26)}" for i in range(500)]
+
+
+def random_text(seed: int, n_words: int = 100) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def change_word(text: str, position: int, word: str = "changed") -> str:
+    words = text.split()
+    words[position] = word
+    return " ".join(words)
+
+
+def true_jaccard(a: str, b: str, k: int) -> float:
+    def shingles(text: str) -> set[tuple[str, ...]]:
+        words = text.split()
+        return {tuple(words[i : i + k]) for i in range(len(words) - k + 1)}
+
+    sa, sb = shingles(a), shingles(b)
+    return len(sa & sb) / len(sa | sb)
+
+
+def conversation(user: str, assistant: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+# ---------------------------------------------------------------- normalization and the exact key
+
+
+def test_whitespace_case_and_unicode_variants_share_the_exact_key():
+    base = conversation("Hello there, how are you?", "Fine, thanks.")
+    variants = [
+        conversation("  hello   THERE,\thow are\nyou? ", "FINE,  thanks."),
+        conversation("Ｈｅｌｌｏ there, how are you?", "Fine,\u00a0thanks."),  # full-width letters, NBSP (NFKC)
+        [{"role": "USER", "content": "Hello there, how are you?"}, {"role": "assistant", "content": "Fine, thanks."}],
+    ]
+    assert {exact_key(v) for v in variants} == {exact_key(base)}
+    assert exact_key(conversation("Hello there, how are you?", "Fine, thanks!")) != exact_key(base)
+    # the turn split is part of the key: the same words in other turns are another conversation
+    assert exact_key(conversation("Hello there, how are you? Fine,", "thanks.")) != exact_key(base)
+    assert normalize_text("  A\u3000B\n\nc ") == "a b c"
+
+
+# ---------------------------------------------------------------- shingles and signatures
+
+
+def test_shingles_stay_inside_each_text():
+    texts = ["a b c d e f g", "x y", "", "   ", "p q r s t"]
+    hashes, offsets = shingle_hashes(texts, 5)
+    assert np.diff(offsets).tolist() == [3, 1, 0, 0, 1]
+    for i, text in enumerate(texts):  # batching changes nothing: no window reaches into the next text
+        alone, _ = shingle_hashes([text], 5)
+        assert hashes[offsets[i] : offsets[i + 1]].tolist() == alone.tolist()
+    assert shingle_hashes(["b c d e f"], 5)[0].tolist() == [hashes[1]]  # the 2nd window of text 0
+    assert shingle_hashes(["a b c d f"], 5)[0].tolist() != [hashes[0]]
+
+
+def test_signatures_match_datasketch_minhash():
+    texts = [random_text(seed, n) for seed, n in [(1, 80), (2, 3), (3, 150)]]
+    hashes, offsets = shingle_hashes(texts, 5)
+    signatures = minhash_signatures(texts, num_perm=64, shingle_words=5)
+    for i in range(len(texts)):
+        reference = MinHash(num_perm=64, seed=1, hashfunc=lambda h: h)
+        reference.update_batch(hashes[offsets[i] : offsets[i + 1]])
+        assert np.array_equal(signatures[i], reference.hashvalues)
+
+
+def test_signature_similarity_tracks_true_jaccard():
+    original = random_text(7, 120)
+    one_word = change_word(original, 60)
+    many_words = " ".join(f"new{p}" if p % 20 == 10 else w for p, w in enumerate(original.split()))  # J ~0.6
+    unrelated = random_text(8, 120)
+    signatures = minhash_signatures([original, original, one_word, many_words, unrelated], 256, 5)
+
+    assert np.array_equal(signatures[0], signatures[1])
+    for index, other in [(2, one_word), (3, many_words)]:
+        expected = true_jaccard(original, other, 5)
+        assert abs(estimated_jaccard(signatures[0], signatures[index]) - expected) < 0.08, expected
+    assert true_jaccard(original, one_word, 5) > 0.9
+    assert estimated_jaccard(signatures[0], signatures[4]) < 0.05
+
+
+def test_near_copies_share_a_bucket_and_unrelated_texts_do_not():
+    originals = [random_text(seed, 100) for seed in range(40)]
+    copies = [change_word(text, 50) for text in originals]
+    keys = band_keys(minhash_signatures(originals + copies, 128, 5), bands=16)
+    assert keys.shape == (80, 16) and keys.dtype == np.int64
+    shared = [bool(np.any(keys[i] == keys[40 + i])) for i in range(40)]
+    assert sum(shared) >= 38  # P(miss) = (1 - 0.9^8)^16 ~ 1e-6 per pair at Jaccard 0.9
+    all_keys = keys[:40].ravel()
+    assert len(np.unique(all_keys)) == len(all_keys)  # unrelated originals: no bucket in common
+
+
+def test_band_index_is_part_of_the_key():
+    signatures = np.ones((1, 16), dtype=np.uint32)  # every band holds the same values
+    keys = band_keys(signatures, bands=4)
+    assert len(set(keys[0].tolist())) == 4
+
+
+# ---------------------------------------------------------------- per-block marking
+
+
+def test_within_block_marking_keeps_the_smallest_id():
+    keys = ["h1", "h2", "h1", "h1", "h3", "h2"]
+    rows = ["c", "b", "a", "d", "e", "z"]
+    assert smallest_per_key(keys, rows).to_pylist() == ["a", None, None, "a", None, "b"]
+
+
+def test_verified_edges_link_near_copies_to_the_smallest_row_and_reject_false_candidates():
+    base = minhash_signatures([random_text(1, 100)], 128, 5)[0]
+    near = base.copy()
+    near[:10] += 1  # estimated Jaccard ~0.92
+    far = base.copy()
+    far[:64] += 1  # ~0.5: shares a bucket, fails verification
+    rows = ["r3", "r1", "r2", "r1", "r9", "r9b"]
+    keys = np.array([5, 5, 7, 7, 5, 8])
+    signatures = np.stack([near, base, near, base, far, far])
+    edges = verified_edges(keys, rows, signatures, threshold=0.8)
+    assert sorted(edges) == [("r2", "r1"), ("r3", "r1")]
+
+
+def test_verified_edges_merge_a_chain_inside_the_block():
+    a = np.arange(100, dtype=np.uint32)
+    b, c = a.copy(), a.copy()
+    b[:20] += 1000
+    c[:40] += 1000  # a~b and b~c at 0.75 threshold (0.8), a!~c (0.6)
+    edges = verified_edges(np.array([1, 1, 1]), ["a", "b", "c"], np.stack([a, b, c]), threshold=0.75)
+    assert sorted(edges) == [("b", "a"), ("c", "a")]
+
+
+def test_key_rows_skip_dropped_rows_and_charge_stage_seconds():
+    records = [
+        {"id": "s:1", "source": "s", "messages": conversation("hi there", "hello"), "meta": "{}", "raw": None},
+        {"id": "s:2", "source": "s", "messages": None, "meta": "{}", "raw": "{bad", "drop_reason": "malformed:json"},
+        {"id": "s:3", "source": "s", "messages": conversation("hi there", "hello"), "drop_reason": "filters:short"},
+    ]
+    table = pa.Table.from_pylist(records, schema=BASE_SCHEMA)
+    keyed = KeyRows(DedupSpec(num_perm=32, bands=8))(table)
+    assert keyed[HASH].to_pylist()[1:] == [None, None]
+    assert keyed[HASH][0].as_py() == exact_key(records[0]["messages"])
+    assert keyed[SIG].null_count == 2 and len(keyed[SIG][0].as_py()) == 32
+    assert keyed[ROW][0].as_py().startswith("s:1\x00")
+    assert len(set(keyed[ROW].to_pylist())) == 3
+    assert dict(keyed[STAGE_SECONDS_COLUMN][0].as_py())["dedup"] >= 0
+
+
+def test_apply_marks_sets_reason_and_dup_of_and_keeps_earlier_reasons():
+    rows = pa.table(
+        {
+            "id": ["a", "b", "c", "d"],
+            "drop_reason": [None, None, None, "filters:short"],
+            ROW: ["a\x00m\x00t.0", "b\x00m\x00t.1", "c\x00m\x00t.2", "d\x00m\x00t.3"],
+        }
+    )
+    marks = pa.table(
+        {
+            ROW: ["b\x00m\x00t.1", "b\x00m\x00t.1", "c\x00m\x00t.2"],
+            LABEL: [None, "a\x00m\x00t.0", "a\x00m\x00t.0"],
+            EXACT: [True, False, False],
+            IS_MARK: [True, True, True],
+        }
+    )
+    out = apply_marks(pa.concat_tables([rows, marks], promote_options="default"))
+    assert set(out.column_names) == {"id", "drop_reason", DUP_OF, STAGE_SECONDS_COLUMN}
+    by_id = {r["id"]: r for r in out.to_pylist()}
+    assert by_id["a"]["drop_reason"] is None and by_id["a"][DUP_OF] is None
+    assert (by_id["b"]["drop_reason"], by_id["b"][DUP_OF]) == ("duplicate:exact", "a")
+    assert (by_id["c"]["drop_reason"], by_id["c"][DUP_OF]) == ("duplicate:near", "a")
+    assert by_id["d"]["drop_reason"] == "filters:short" and by_id["d"][DUP_OF] is None
+
+
+# ---------------------------------------------------------------- connected components, one block at a time
+
+
+def run_components(src: list[str], dst: list[str]) -> tuple[dict[str, str], int]:
+    """Iterate `propagate_labels` on one block (what each round does per hash partition) until it settles."""
+    adjacency = components.adjacency_rows(pa.table({"src": src, "dst": dst}))
+    state, rounds = None, 0
+    while True:
+        rounds += 1
+        state = components.propagate_labels(adjacency if state is None else pa.concat_tables([adjacency, state]))
+        if pc.sum(pc.equal(state["kind"], components.MESSAGE)).as_py() == 0:
+            break
+    labels = state.filter(pc.equal(state["kind"], components.LABEL))
+    return dict(zip(labels["node"].to_pylist(), labels["other"].to_pylist(), strict=True)), rounds
+
+
+def test_label_propagation_joins_a_chain_and_keeps_components_apart():
+    labels, rounds = run_components(["b", "c", "d", "y"], ["a", "b", "c", "x"])  # a-b-c-d and x-y
+    assert labels == {"a": "a", "b": "a", "c": "a", "d": "a", "x": "x", "y": "x"}
+    assert rounds == 4  # diameter 3, plus the round that hears nothing new
+
+
+def test_label_propagation_ignores_self_loops():
+    labels, _ = run_components(["a", "b"], ["a", "a"])
+    assert labels == {"a": "a", "b": "a"}
