@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from chatforge.config import SourceSpec, SpecError, load_spec
+from chatforge.config import SourceSpec, SpecError, TrainDataSpec, load_spec
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train and run chat assistants on Ray.")
 console = Console(stderr=True)
@@ -19,7 +19,7 @@ FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "openai", ".json": "sharegp
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -80,7 +80,7 @@ def curate(
 ) -> None:
     """Curate conversation corpora with Ray Data into OUTPUT/data, OUTPUT/dropped and OUTPUT/manifest.json."""
     from chatforge.data.pipeline import run_curation
-    from chatforge.data.sources import SourceError
+    from chatforge.data.sources import SourceError, list_files
     from chatforge.runtime import RayConnectError, init_ray
 
     extra = list(overrides or [])
@@ -91,6 +91,8 @@ def curate(
         if input:
             sources = _inputs_as_sources(input, fmt)
             loaded = loaded.model_copy(update={"curate": loaded.curate.model_copy(update={"sources": sources})})
+        for source in loaded.curate.sources:
+            list_files(source)  # a missing input fails here, before Ray starts
         init_ray(loaded.ray)
         with console.status("curating with Ray Data…"):
             result = run_curation(loaded)
@@ -104,6 +106,76 @@ def curate(
     )
     if json_out:
         print(json.dumps(result.manifest))
+
+
+def _data_sources(items: list[str]) -> list[TrainDataSpec]:
+    """``--data DIR[:WEIGHT[:TAG]]`` -> dataset specs."""
+    sources = []
+    for item in items:
+        path, _, rest = item.partition(":")
+        weight, _, tag = rest.partition(":")
+        try:
+            sources.append(TrainDataSpec(path=path, weight=float(weight) if weight else 1.0, tag=tag or None))
+        except ValueError as err:
+            _fail(f"--data {item}: expected DIR[:WEIGHT[:TAG]] ({err})")
+    return sources
+
+
+def training_table(summary: dict) -> Table:
+    final, data = summary["final_metrics"], summary["data"]
+    table = Table(title="training")
+    table.add_column("", style="bold")
+    table.add_column("value", justify="right")
+    rows = [
+        ("steps", f"{final.get('step')}" + (" (stopped early)" if final.get("stopped_early") else "")),
+        ("train loss", f"{final.get('loss', float('nan')):.4f}"),
+        (
+            "val loss (best)",
+            f"{final.get('eval_loss', float('nan')):.4f} ({final.get('best_eval_loss', float('nan')):.4f})",
+        ),
+        ("tokens/s", f"{final.get('tokens_per_s', 0):,.0f}"),
+        ("parameters (trainable)", f"{final.get('total_params', 0):,} ({final.get('trainable_params', 0):,})"),
+        ("train rows x tokens", f"{data['train_rows']:,} x {data['train_tokens'] // max(data['train_rows'], 1):,}"),
+        ("packing efficiency", f"{data['packing_efficiency']:.3f}"),
+        ("samples skipped (no supervised token)", f"{data['skipped_no_supervised_tokens']:,}"),
+        ("wall seconds", f"{summary['wall_seconds']:.1f}"),
+    ]
+    for key, value in final.items():
+        if key.startswith("eval_loss/"):
+            rows.append((f"val loss {key.split('/', 1)[1]}", f"{value:.4f}"))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+@app.command()
+def train(
+    spec: Annotated[Path, typer.Argument(help="training spec (YAML), e.g. pipelines/finetune-zero2.yaml")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", "-d", help="curated data/ dir, as DIR[:WEIGHT[:TAG]] (repeatable); replaces train.data"),
+    ] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="output directory")] = None,
+) -> None:
+    """Fine-tune a chat model on curated data with Ray Train + DeepSpeed; writes OUTPUT/model and metrics."""
+    from chatforge.runtime import RayConnectError, init_ray
+    from chatforge.train.trainer import TrainDataError, run_training
+
+    extra = list(overrides or [])
+    if output:
+        extra.append(f"train.output={output}")
+    try:
+        loaded = load_spec(spec, extra)
+        if data:
+            loaded = loaded.model_copy(update={"train": loaded.train.model_copy(update={"data": _data_sources(data)})})
+        init_ray(loaded.ray)
+        with console.status("training…") as status:
+            result = run_training(loaded, progress=lambda message: status.update(f"training: {message}…"))
+    except (SpecError, TrainDataError, RayConnectError) as err:
+        _fail(str(err))
+    console.print(training_table(result.summary))
+    console.print(f"model: [bold]{result.summary['model_dir']}[/]", highlight=False, soft_wrap=True)
 
 
 @app.command()

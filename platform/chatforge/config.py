@@ -200,8 +200,9 @@ class TrainLoopSpec(Strict):
     max_grad_norm: float = Field(1.0, ge=0, description="0 turns clipping off")
     packing: bool = True
     eval_every: int = Field(50, ge=1)
-    eval_batches: int = Field(20, ge=1, description="val batches per evaluation")
+    eval_batches: int = Field(20, ge=1, description="val batches (of batch_size conversations) per dataset per eval")
     early_stopping_patience: int = Field(0, ge=0, description="evals without improvement before stopping; 0: never")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="a val loss must beat the best by this to count")
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)

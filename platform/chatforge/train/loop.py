@@ -135,6 +135,12 @@ def evaluate(engine, batches: list[dict[str, torch.Tensor]], domains: list[str],
     return metrics
 
 
+def _grad_norm(module: torch.nn.Module) -> float:
+    """The global L2 norm of the gradients (before clipping)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def _mfu(tokens_per_s: float, params: int, world: int) -> float | None:
     if not torch.cuda.is_available():
         return None
@@ -193,10 +199,12 @@ def _export(engine, spec: Spec, tokenizer, rank: int, stage: int, directory: str
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
+    import ray.data
     import ray.train
 
     spec = Spec.model_validate(config["spec"])
     tokenizer = config["tokenizer"]
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker per eval is noise
     loop, use_gpu = spec.train, spec.scaling.use_gpu
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -219,17 +227,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_multiplier, loop=loop)),
     )
     state = _restore(engine, LoopState())
-    val_batches = list(
-        batch
-        for _, batch in zip(
-            range(loop.eval_batches),
-            ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=loop.batch_size, dtypes=torch.long),
-        )
-    )
+    # The val set was cut to eval_batches per dataset when it was prepared: hold it, the same batches every eval.
+    val_shard = ray.train.get_dataset_shard("val")
+    val_batches = list(val_shard.iter_torch_batches(batch_size=loop.batch_size, dtypes=torch.long))
     micro_batches = _batches(ray.train.get_dataset_shard("train"), loop.batch_size, state)
     fault_at = config.get("fault_at_step")
     resumed = state.step > 0
 
+    stage0_grad_norm = spec.deepspeed.zero_stage == 0
+    last_grad_norm = None
     engine.train()
     window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     while state.step < loop.max_steps and not state.stopped_early:
@@ -237,6 +243,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch = _on_device(next(micro_batches), device)
             loss = engine(**model_inputs(batch)).loss
             engine.backward(loss)
+            if stage0_grad_norm and engine.is_gradient_accumulation_boundary():
+                last_grad_norm = _grad_norm(engine.module)  # ZeRO-0 does not report one; grads are reduced here
             engine.step()  # DeepSpeed steps optimizer, clipping and scheduler at the accumulation boundary
             window_loss += loss.item()
             window_micro += 1
@@ -250,7 +258,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state.step % loop.log_every == 0 or last:
             loss_sum, micro, tokens = _allreduce_sum([window_loss, window_micro, window_tokens], device)
             elapsed = time.perf_counter() - window_start
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = last_grad_norm if stage0_grad_norm else engine.get_global_grad_norm()
             metrics = {
                 "step": state.step,
                 "epoch": state.epoch,
@@ -267,7 +275,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             evaluation = {"step": state.step, **evaluate(engine, val_batches, config["domains"], device)}
             state.history.append(evaluation)
             metrics = {**metrics, **evaluation}
-            if evaluation["eval_loss"] < state.best_eval_loss:
+            if evaluation["eval_loss"] < state.best_eval_loss - loop.early_stopping_min_delta:
                 state.best_eval_loss, state.evals_without_improvement = evaluation["eval_loss"], 0
             else:
                 state.evals_without_improvement += 1

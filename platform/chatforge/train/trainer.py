@@ -147,6 +147,7 @@ def prepare_datasets(spec: Spec, data: list[TrainDataSpec], data_dirs: list[str]
     fractions = [d / max(density) for d in density]
     stats: dict[str, Any] = {"datasets": []}
     packed = {}
+    packer = PackRows(seq_len, pad_id, spec.train.packing)
     for split, parts in samples.items():
         rows = []
         for domain, ds in enumerate(parts):
@@ -154,7 +155,10 @@ def prepare_datasets(spec: Spec, data: list[TrainDataSpec], data_dirs: list[str]
             usable = ds.filter(expr=_col("supervised") > 0)
             if split == "train" and fractions[domain] < 1.0:
                 usable = usable.random_sample(fractions[domain], seed=spec.train.seed)
-            rows.append(usable)
+            if split == "val":  # every dataset gets its own share of each evaluation (per-source val loss)
+                usable = usable.limit(spec.train.eval_batches * spec.train.batch_size)
+            # Packed per dataset, so a row never mixes sources and its domain label is exact.
+            rows.append(usable.map_batches(packer, batch_format="pyarrow", batch_size=1024))
             if split == "train":
                 stats["datasets"].append(
                     {
@@ -166,9 +170,7 @@ def prepare_datasets(spec: Spec, data: list[TrainDataSpec], data_dirs: list[str]
                         "sampled_fraction": round(fractions[domain], 6),
                     }
                 )
-        union = rows[0].union(*rows[1:]) if len(rows) > 1 else rows[0]
-        packer = PackRows(seq_len, pad_id, spec.train.packing)
-        packed[split] = union.map_batches(packer, batch_format="pyarrow", batch_size=1024).materialize()
+        packed[split] = (rows[0].union(*rows[1:]) if len(rows) > 1 else rows[0]).materialize()
     n_rows = packed["train"].count()
     if n_rows == 0 or packed["val"].count() == 0:
         raise TrainDataError("after tokenization there is no train or no val row (are the conversations empty?)")

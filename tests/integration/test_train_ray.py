@@ -1,0 +1,148 @@
+"""Fine-tuning on a 2-CPU Ray with 2 workers (gloo, fp32): every ZeRO stage, offload, LoRA, resume, export."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chatforge.config import load_spec
+from chatforge.train.trainer import run_training
+from helpers.train_data import TINY_TRAINING, write_curated
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_curated(tmp_path_factory.mktemp("curated"))
+
+
+def train(tmp_path, data_dir, *overrides, fault_at_step=None):
+    spec = load_spec(
+        None, [*TINY_TRAINING, f"train.data=[{{path: '{data_dir}'}}]", f"train.output={tmp_path / 'out'}", *overrides]
+    )
+    result = run_training(spec, fault_at_step=fault_at_step)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    return result, rows
+
+
+def generates(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "tell me about the garden"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    return tokenizer, model
+
+
+def assert_learned(rows):
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0] - 0.3, losses
+    for row in (r for r in rows if "loss" in r):
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(row)
+        assert row["tokens_per_s"] > 0 and row["grad_norm"] > 0
+    assert any("eval_loss" in r for r in rows)
+
+
+def test_zero2_trains_exports_and_records(ray_local, tmp_path, data_dir):
+    result, rows = train(tmp_path, data_dir, "deepspeed.zero_stage=2", "train.max_steps=16")
+    assert_learned(rows)
+    summary = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert summary["data_fingerprints"] == ["fp-test"]
+    assert summary["config"]["deepspeed"]["zero_stage"] == 2
+    assert summary["final_metrics"]["step"] == 16
+    assert summary["data"]["packing_efficiency"] > 0.9
+    tokenizer, _ = generates(tmp_path / "out" / "model")
+    assert "<|im_start|>" in tokenizer.chat_template  # the template the server will use is saved with the model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "offload"), [(0, False), (1, False), (3, False), (2, True)])
+def test_other_zero_stages_and_offload(ray_local, tmp_path, data_dir, stage, offload):
+    result, rows = train(
+        tmp_path,
+        data_dir,
+        f"deepspeed.zero_stage={stage}",
+        f"deepspeed.offload_optimizer={str(offload).lower()}",
+        "train.max_steps=12",
+    )
+    assert_learned(rows)
+    _, model = generates(tmp_path / "out" / "model")
+    assert sum(p.numel() for p in model.parameters()) == result.summary["final_metrics"]["total_params"]
+
+
+def test_resume_after_worker_dies(ray_local, tmp_path, data_dir):
+    result, rows = train(
+        tmp_path, data_dir, "train.max_steps=12", "train.checkpoint_every=4", "train.eval_every=12", fault_at_step=7
+    )
+    resumed = [r for r in rows if r.get("event") == "resumed"]
+    assert [r["step"] for r in resumed] == [4]  # restarted from the step-4 checkpoint, not from zero
+    logged = [r["step"] for r in rows if "loss" in r]
+    assert logged == sorted(logged) and logged[-1] == 12
+    assert logged.count(6) == 1  # steps after the checkpoint were redone once, from the checkpoint
+    assert result.summary["final_metrics"]["step"] == 12
+
+
+def test_lora_exports_adapter_and_merged_model(ray_local, tmp_path, data_dir):
+    result, rows = train(tmp_path, data_dir, "method=lora", "lora.r=4", "train.max_steps=8", "train.lr=0.01")
+    final = result.summary["final_metrics"]
+    assert final["trainable_params"] < final["total_params"] / 5
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    _, model = generates(tmp_path / "out" / "model")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_pretrained_local_model_and_mixing(ray_local, tmp_path, data_dir):
+    from chatforge.train.model import build_model, load_tokenizer
+
+    base_spec = load_spec(None, TINY_TRAINING).model
+    texts = [m["content"] for m in json.loads(json.dumps([{"content": "hello garden river"}] * 10))]
+    tokenizer = load_tokenizer(base_spec, texts * 20)
+    model = build_model(base_spec, tokenizer)
+    pretrained = tmp_path / "pretrained"
+    model.save_pretrained(pretrained)
+    tokenizer.save_pretrained(pretrained)
+    other = write_curated(tmp_path / "other", n_train=80, n_val=16, seed=5, fingerprint="fp-other")
+    data = (
+        f"train.data=[{{path: '{data_dir}', weight: 1.0, tag: chat}}, {{path: '{other}', weight: 1.0, tag: support}}]"
+    )
+    spec = load_spec(
+        None,
+        [
+            *TINY_TRAINING,
+            data,
+            f"model.name_or_path={pretrained}",
+            f"train.output={tmp_path / 'out'}",
+            "train.max_steps=6",
+        ],
+    )
+    result = run_training(spec)
+    final = result.summary["final_metrics"]
+    assert {"eval_loss/chat", "eval_loss/support"} <= set(final)
+    datasets = result.summary["data"]["datasets"]
+    assert datasets[0]["sampled_fraction"] == pytest.approx(0.5) and datasets[1]["sampled_fraction"] == 1.0
+    assert result.summary["data_fingerprints"] == ["fp-test", "fp-other"]
+    generates(tmp_path / "out" / "model")
+
+
+def test_early_stopping(ray_local, tmp_path, data_dir):
+    result, rows = train(
+        tmp_path,
+        data_dir,
+        "train.lr=0.00000001",
+        "train.warmup_steps=0",
+        "train.max_steps=40",
+        "train.eval_every=2",
+        "train.early_stopping_patience=2",
+        "train.early_stopping_min_delta=0.01",
+    )
+    final = result.summary["final_metrics"]
+    assert final["stopped_early"] is True
+    assert final["step"] == 6  # eval at 2 sets the best; 4 and 6 do not beat it by min_delta
+    assert torch.isfinite(torch.tensor(final["eval_loss"]))
