@@ -26,6 +26,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/chatforge curate pipelines/quickstart.yaml
+	$(BIN)/chatforge train pipelines/quickstart.yaml
 
 test: setup
 	$(BIN)/python -m pytest -m "not gpu" --timeout=900 $(PYTEST_ARGS)
@@ -35,6 +36,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/curate.py --json
+	$(BIN)/python benchmarks/train_overhead.py --json
 
 lint: setup
 	$(BIN)/ruff check platform tests benchmarks

@@ -37,6 +37,7 @@ from chatforge.train.loop import (
     TENSOR_KEYS,
     _allreduce_sum,
     _export,
+    _grad_norm,
     _init_distributed,
     _on_device,
     _param_groups,
@@ -53,8 +54,11 @@ PACK_BATCH = 1024  # samples per PackRows call, as prepare_datasets' map_batches
 # ---------------------------------------------------------------- data
 
 
-def packed_rows(directory: str, spec: Spec, tokenizer, rank: int, world: int) -> dict[str, np.ndarray]:
-    """This rank's share of a split (conversations ``rank::world``), tokenized and packed as chatforge does."""
+def packed_rows(
+    directory: str, spec: Spec, tokenizer, rank: int, world: int, limit: int | None = None
+) -> dict[str, np.ndarray]:
+    """This rank's share of a split (conversations ``rank::world``), tokenized and packed as chatforge does;
+    ``limit`` keeps the first usable samples only (chatforge's val set: ``eval_batches x batch_size`` of them)."""
     table = pq.read_table(directory, columns=["messages"])
     mine = table.take(pa.array(range(rank, len(table), world), pa.int64()))
     tokenize = TokenizeSamples(tokenizer, spec.model.max_length, tag=None, domain=0)
@@ -62,9 +66,15 @@ def packed_rows(directory: str, spec: Spec, tokenizer, rank: int, world: int) ->
         [tokenize(mine.slice(start, TOKENIZE_BATCH)) for start in range(0, len(mine), TOKENIZE_BATCH)]
     )
     samples = samples.filter(pc.greater(samples["supervised"], 0))  # skipped samples, as in prepare_datasets
+    if limit is not None:
+        samples = samples.slice(0, limit)
     pack = PackRows(spec.model.max_length, tokenizer.pad_token_id, spec.train.packing)
     parts = [pack(samples.slice(start, PACK_BATCH)) for start in range(0, len(samples), PACK_BATCH)]
     return {key: np.concatenate([part[key] for part in parts]) for key in (*TENSOR_KEYS, "domain")}
+
+
+def batch_at(rows: dict[str, np.ndarray], start: int, batch_size: int) -> dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(value[start : start + batch_size]).long() for key, value in rows.items()}
 
 
 def micro_batches(rows: dict[str, np.ndarray], batch_size: int):
@@ -74,10 +84,7 @@ def micro_batches(rows: dict[str, np.ndarray], batch_size: int):
         raise SystemExit(f"a rank got no full batch of {batch_size} rows")
     while True:
         for i in range(count):
-            yield {
-                key: torch.from_numpy(value[i * batch_size : (i + 1) * batch_size]).long()
-                for key, value in rows.items()
-            }
+            yield batch_at(rows, i * batch_size, batch_size)
 
 
 # ---------------------------------------------------------------- timing run
@@ -89,10 +96,11 @@ def timed_run(args, spec: Spec, tokenizer, rank: int, world: int, started: float
     loop = spec.train
     device = torch.device("cpu")
     train_rows = packed_rows(os.path.join(args.data, "train"), spec, tokenizer, rank, world)
-    val_rows = packed_rows(os.path.join(args.data, "val"), spec, tokenizer, 0, 1)  # every rank: the whole val split
-    n_val = min(loop.eval_batches, len(val_rows["input_ids"]) // loop.batch_size)
-    val_stream = micro_batches(val_rows, loop.batch_size)
-    val_batches = [next(val_stream) for _ in range(n_val)]
+    # every rank: the whole (cut) val set, in batches, the last one possibly short, as get_dataset_shard("val") gives it
+    val_rows = packed_rows(os.path.join(args.data, "val"), spec, tokenizer, 0, 1, loop.eval_batches * loop.batch_size)
+    val_batches = [
+        batch_at(val_rows, i, loop.batch_size) for i in range(0, len(val_rows["input_ids"]), loop.batch_size)
+    ]
     real, total = _allreduce_sum(
         [float((train_rows["sequence_ids"] != PAD_SEQUENCE_ID).sum()), float(train_rows["sequence_ids"].size)], device
     )
@@ -112,6 +120,8 @@ def timed_run(args, spec: Spec, tokenizer, rank: int, world: int, started: float
     # The loop of train/loop.py: same micro-steps, same per-step .item() and token count, same all-reduce per log.
     history = []
     step = 0
+    stage0_grad_norm = spec.deepspeed.zero_stage == 0
+    last_grad_norm = None
     train_started = time.perf_counter()
     engine.train()
     window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
@@ -120,6 +130,8 @@ def timed_run(args, spec: Spec, tokenizer, rank: int, world: int, started: float
             batch = _on_device(next(batches), device)
             loss = engine(**model_inputs(batch)).loss
             engine.backward(loss)
+            if stage0_grad_norm and engine.is_gradient_accumulation_boundary():
+                last_grad_norm = _grad_norm(engine.module)
             engine.step()
             window_loss += loss.item()
             window_micro += 1
@@ -129,7 +141,7 @@ def timed_run(args, spec: Spec, tokenizer, rank: int, world: int, started: float
         if step % loop.log_every == 0 or last:
             loss_sum, micro, tokens = _allreduce_sum([window_loss, window_micro, window_tokens], device)
             elapsed = time.perf_counter() - window_start
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = last_grad_norm if stage0_grad_norm else engine.get_global_grad_norm()
             history.append(
                 {
                     "step": step,

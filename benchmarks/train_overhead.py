@@ -1,6 +1,8 @@
 """Ray Train overhead: chatforge's training on Ray Train vs the same loop under plain `torchrun`, and ZeRO memory.
 
-    .venv/bin/python benchmarks/train_overhead.py --json      # ~10 minutes on 2 cores (curation included)
+    .venv/bin/python benchmarks/train_overhead.py --json      # expect 15-20 minutes on 2 idle cores
+    .venv/bin/python benchmarks/train_overhead.py --steps 6 --warmup 2 --log-every 2 --n-layer 2 --n-embd 128 \
+        --n-head 2 --data runs/quickstart/curated/data         # a smoke run (~4 minutes): checks, measures nothing
 
 Same model, data, ZeRO-2 config, 2 workers and step count, in one run:
   (a) `chatforge train` on a spec this script writes (a GPT-2 of n_layer 6, n_embd 384, 256-token rows, 8 rows per
@@ -13,15 +15,15 @@ Both run on the CPU accelerator (`DS_ACCELERATOR=cpu`), gloo, fp32, torch AdamW,
 (`OMP_NUM_THREADS=1`, `scaling.cpus_per_worker: 1`). Tokens are non-pad tokens summed over workers; a window's
 tokens/s is its tokens over its wall time; the steady state is the mean over the windows after ``--warmup`` steps
 (so start-up, compilation and the first data fetches are left out, while each window still carries its share of
-logging and of `ray.train.report`). A step of the default model is ~10^11 FLOPs per worker, seconds on one core,
-so compute, not logging or reporting (one of each per 10 steps), dominates. Wall times are of the whole command,
-start-up included. ``packing_efficiency`` is chatforge's (non-pad / all tokens of the packed train rows).
+logging and of `ray.train.report`). A step of the default model (13.8M parameters, 2048 tokens per worker) is
+~2x10^11 FLOPs per worker, seconds on one core, so compute, not logging or reporting (one of each per 10 steps),
+dominates. Wall times are of the whole command, start-up included. ``packing_efficiency`` is chatforge's (non-pad / all tokens of the packed train rows).
 
 Memory: for ZeRO 0 and 3 on the same model and 2 workers, the arithmetic of `zero_memory_per_worker` (fp32) next
 to what each rank holds after one step of a `torchrun` run (`_torchrun_baseline.py --memory-stage`): parameter
 storage, gradients, AdamW state and fp32 master weights, in bytes (activations and communication buffers excluded).
 
-Prints progress on stderr; the last stdout line is the JSON result (`--json`: that line only).
+Prints progress on stderr and the JSON result on stdout: indented, or with `--json` as one (the last) line.
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ def train(
 ) -> None:
     """Fine-tune a chat model on curated data with Ray Train + DeepSpeed; writes OUTPUT/model and metrics."""
     from chatforge.runtime import RayConnectError, init_ray
-    from chatforge.train.trainer import TrainDataError, run_training
+    from chatforge.train.trainer import TrainDataError, resolve_data_dir, run_training
 
     extra = list(overrides or [])
     if output:
@@ -169,6 +169,8 @@ def train(
         loaded = load_spec(spec, extra)
         if data:
             loaded = loaded.model_copy(update={"train": loaded.train.model_copy(update={"data": _data_sources(data)})})
+        for source in loaded.train.data:
+            resolve_data_dir(source.path)  # bad data fails here, before Ray starts
         init_ray(loaded.ray)
         with console.status("training…") as status:
             result = run_training(loaded, progress=lambda message: status.update(f"training: {message}…"))

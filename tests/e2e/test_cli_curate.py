@@ -9,6 +9,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
+
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 

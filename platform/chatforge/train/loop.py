@@ -199,12 +199,10 @@ def _export(engine, spec: Spec, tokenizer, rank: int, stage: int, directory: str
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
-    import ray.data
     import ray.train
 
     spec = Spec.model_validate(config["spec"])
     tokenizer = config["tokenizer"]
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker per eval is noise
     loop, use_gpu = spec.train, spec.scaling.use_gpu
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

@@ -209,6 +209,7 @@ def run_training(spec: Spec, fault_at_step: int | None = None, progress=None) ->
 
     ``fault_at_step`` kills one worker process at that step on the first attempt (to exercise resume in tests).
     """
+    import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -253,7 +254,12 @@ def run_training(spec: Spec, fault_at_step: int | None = None, progress=None) ->
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     say(f"training on {scaling.num_workers} workers (ZeRO-{spec.deepspeed.zero_stage}, {spec.method})")
-    result = trainer.fit()
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False  # workers' data bars are noise in logs
+    try:
+        result = trainer.fit()
+    finally:
+        context.enable_progress_bars = bars
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
 

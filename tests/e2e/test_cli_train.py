@@ -1,0 +1,40 @@
+"""`chatforge train` as a user runs it: a real process with its own local Ray."""
+
+import json
+
+import pytest
+
+from helpers.train_data import TINY_TRAINING, write_curated
+from test_cli_curate import chatforge
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.slow
+def test_train_command_end_to_end(tmp_path):
+    data = write_curated(tmp_path / "curated")
+    out = tmp_path / "run"
+    result = chatforge(
+        "train",
+        "pipelines/quickstart.yaml",
+        "--data",
+        f"{data}:1:chat",
+        "--output",
+        str(out),
+        *TINY_TRAINING,
+        "train.max_steps=6",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "packing efficiency" in result.stderr and str(out / "model") in result.stderr
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["config"]["train"]["data"] == [{"path": str(data), "weight": 1.0, "tag": "chat"}]
+    assert (out / "model" / "model.safetensors").exists()
+    assert (out / "metrics.jsonl").read_text().count("\n") >= 3
+
+
+def test_train_without_val_split_is_a_clear_error(tmp_path):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    result = chatforge("train", "pipelines/quickstart.yaml", "--data", str(tmp_path / "data"), "ray.num_cpus=1")
+    assert result.returncode == 2
+    assert "no val/ split" in result.stderr
