@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from chatforge.config import load_spec  # noqa: E402
-from chatforge.data import augment, dedup, filters, normalize, pii, sources, split, toxicity  # noqa: E402
+from chatforge.data import augment, dedup, filters, formats, normalize, pii, sources, split, toxicity  # noqa: E402
 from chatforge.data.schema import mark_dropped  # noqa: E402
 from helpers.corpus import write_sharegpt_jsonl  # noqa: E402
 
@@ -111,7 +111,7 @@ def single_process(corpus: str, output: str) -> dict:
         for o, t, e in sources.iter_jsonl_range(corpus, 0, size, spec.read)
     ]
     steps_before_dedup = [
-        partial(sources.parse_raw_records, role_map={}, raw_keep_bytes=spec.read.raw_keep_bytes),
+        partial(formats.parse_raw_records, role_map={}, raw_keep_bytes=spec.read.raw_keep_bytes),
         partial(normalize.normalize_records, spec=spec.normalize),
         partial(filters.filter_records, spec=spec.filters),
         partial(pii.scrub_records, spec=spec.pii),

@@ -108,14 +108,27 @@ def curate(
         print(json.dumps(result.manifest))
 
 
+def _split_data_option(item: str) -> tuple[str, float, str | None]:
+    """``DIR[:WEIGHT[:TAG]]`` read from the right, so paths with colons (s3://...) stay whole."""
+    parts = item.rsplit(":", 2)
+    for n_fields in (2, 1):
+        if len(parts) > n_fields:
+            head, *fields = item.rsplit(":", n_fields)
+            try:
+                weight = float(fields[0])
+            except ValueError:
+                continue
+            return head, weight, (fields[1] or None) if n_fields == 2 else None
+    return item, 1.0, None
+
+
 def _data_sources(items: list[str]) -> list[TrainDataSpec]:
     """``--data DIR[:WEIGHT[:TAG]]`` -> dataset specs."""
     sources = []
     for item in items:
-        path, _, rest = item.partition(":")
-        weight, _, tag = rest.partition(":")
+        path, weight, tag = _split_data_option(item)
         try:
-            sources.append(TrainDataSpec(path=path, weight=float(weight) if weight else 1.0, tag=tag or None))
+            sources.append(TrainDataSpec(path=path, weight=weight, tag=tag))
         except ValueError as err:
             _fail(f"--data {item}: expected DIR[:WEIGHT[:TAG]] ({err})")
     return sources

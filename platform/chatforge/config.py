@@ -170,7 +170,9 @@ class ModelSpec(Strict):
         None, description="Jinja chat template; None keeps the model's own (ChatML if none)"
     )
     max_length: int = Field(512, ge=16, description="tokens per training row (samples are packed into rows)")
-    dropout: float = Field(0.1, ge=0, lt=1)
+    dropout: float | None = Field(
+        None, ge=0, lt=1, description="None: 0.1 for the default model, a pretrained one's own"
+    )
     # The default model, built from a config with a BPE tokenizer trained on the curated train split.
     vocab_size: int = Field(8000, ge=300)
     n_layer: int = Field(4, ge=1)
@@ -188,6 +190,7 @@ class ModelSpec(Strict):
 class TrainLoopSpec(Strict):
     data: list[TrainDataSpec] = Field(default_factory=list, description="curated datasets; --data replaces them")
     output: str = "runs/train"
+    resume: bool = Field(False, description="continue the run in output/checkpoints; false starts afresh")
     max_steps: int = Field(200, ge=1, description="optimizer steps")
     lr: float = Field(3e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the schedule decays to lr * min_lr_ratio")

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from test_cli_curate import chatforge
 
 from helpers.train_data import TINY_TRAINING, write_curated
-from test_cli_curate import chatforge
 
 pytestmark = pytest.mark.integration
 

@@ -54,7 +54,7 @@ def test_zero2_trains_exports_and_records(ray_local, tmp_path, data_dir):
     result, rows = train(tmp_path, data_dir, "deepspeed.zero_stage=2", "train.max_steps=16")
     assert_learned(rows)
     summary = json.loads((tmp_path / "out" / "training.json").read_text())
-    assert summary["data_fingerprints"] == ["fp-test"]
+    assert summary["data_fingerprints"] == ["fp-test"] and summary["fingerprint"] == "fp-test"
     assert summary["config"]["deepspeed"]["zero_stage"] == 2
     assert summary["final_metrics"]["step"] == 16
     assert summary["data"]["packing_efficiency"] > 0.9
@@ -90,7 +90,18 @@ def test_resume_after_worker_dies(ray_local, tmp_path, data_dir):
 
 
 def test_lora_exports_adapter_and_merged_model(ray_local, tmp_path, data_dir):
-    result, rows = train(tmp_path, data_dir, "method=lora", "lora.r=4", "train.max_steps=8", "train.lr=0.01")
+    result, rows = train(
+        tmp_path,
+        data_dir,
+        "method=lora",
+        "lora.r=4",
+        "train.max_steps=8",
+        "train.lr=0.01",
+        "train.checkpoint_every=4",
+        fault_at_step=6,
+    )
+    # checkpoints leave the frozen base weights out, and a resume still restores the adapters
+    assert [r["step"] for r in rows if r.get("event") == "resumed"] == [4]
     final = result.summary["final_metrics"]
     assert final["trainable_params"] < final["total_params"] / 5
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
@@ -120,6 +131,7 @@ def test_pretrained_local_model_and_mixing(ray_local, tmp_path, data_dir):
             f"model.name_or_path={pretrained}",
             f"train.output={tmp_path / 'out'}",
             "train.max_steps=6",
+            "deepspeed.zero_stage=3",  # a pretrained model loads straight into ZeRO-3 partitions
         ],
     )
     result = run_training(spec)

@@ -3,12 +3,8 @@ import json
 import pytest
 
 from chatforge.config import ReadSpec
-from chatforge.data.sources import (
-    chitchat_corpus_path,
-    iter_json_elements,
-    iter_jsonl_range,
-    parse_raw_records,
-)
+from chatforge.data.formats import parse_raw_records
+from chatforge.data.sources import chitchat_corpus_path, iter_json_elements, iter_jsonl_range
 
 
 def raw_rows(fmt, items):

@@ -96,3 +96,13 @@ def test_tokenize_and_pack_batches():
     assert rows["n_tokens"][0] == (rows["sequence_ids"][0] >= 0).sum() and rows["domain"].tolist() == [1]
     unpacked = PackRows(256, tokenizer.pad_token_id, packing=False)(kept)
     assert unpacked["input_ids"].shape == (2, 256)
+
+
+def test_data_option_is_read_from_the_right():
+    from chatforge.cli import _split_data_option
+
+    assert _split_data_option("runs/a/data") == ("runs/a/data", 1.0, None)
+    assert _split_data_option("runs/a/data:2.5") == ("runs/a/data", 2.5, None)
+    assert _split_data_option("runs/a/data:2:law") == ("runs/a/data", 2.0, "law")
+    assert _split_data_option("s3://bucket/data:3:support") == ("s3://bucket/data", 3.0, "support")
+    assert _split_data_option("s3://bucket/data") == ("s3://bucket/data", 1.0, None)

@@ -66,6 +66,12 @@ def _init_distributed(use_gpu: bool) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
 
 
+def _with_batch_sizes(ds_config: dict[str, Any], world: int) -> dict[str, Any]:
+    """HfDeepSpeedConfig wants the global batch size spelled out (deepspeed.initialize derives it)."""
+    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    return {**ds_config, "train_batch_size": micro * accum * world}
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norms and embeddings' 1-D params."""
     decay, no_decay = [], []
@@ -149,13 +155,16 @@ def _mfu(tokens_per_s: float, params: int, world: int) -> float | None:
     return None if peak is None else 6 * params * tokens_per_s / (peak * world)
 
 
-def _save(engine, state: LoopState, rank: int, metrics: dict[str, Any], export=None) -> None:
+def _save(engine, state: LoopState, rank: int, metrics: dict[str, Any], lora: bool, export=None) -> None:
     """Every rank writes its DeepSpeed shards to its own dir; Ray merges the ranks' dirs into one checkpoint."""
     import ray.train
 
     tmp = tempfile.mkdtemp(prefix=f"chatforge-ckpt-r{rank}-")
     try:
-        engine.save_checkpoint(tmp, tag=f"step{state.step}", client_state={"loop_state": asdict(state)})
+        # LoRA: the frozen base weights are the same in every checkpoint (and rebuilt at start), so leave them out
+        engine.save_checkpoint(
+            tmp, tag=f"step{state.step}", client_state={"loop_state": asdict(state)}, exclude_frozen_parameters=lora
+        )
         if rank == 0:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(asdict(state), f)
@@ -175,7 +184,7 @@ def _restore(engine, state: LoopState) -> LoopState:
     if checkpoint is None:
         return state
     with checkpoint.as_directory() as directory:
-        _, client_state = engine.load_checkpoint(directory)
+        _, client_state = engine.load_checkpoint(directory, load_module_strict=False)
     restored = LoopState(**client_state["loop_state"])
     restored.history.append({"step": restored.step, "event": "resumed"})
     return restored
@@ -213,11 +222,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(loop.seed)  # the same initial weights on every rank
     dtype = resolve_dtype(spec.model.dtype) if use_gpu else torch.float32
-    model = build_model(spec.model, tokenizer)
+    ds_config = deepspeed_config(spec.deepspeed, loop, use_gpu=use_gpu, bf16=dtype == torch.bfloat16)
+    zero3_loading = None
+    if spec.deepspeed.zero_stage == 3 and spec.model.name_or_path is not None:
+        # Kept alive through from_pretrained: it makes transformers load straight into ZeRO-3 partitions
+        # (deepspeed.zero.Init), so no rank ever holds the whole model.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3_loading = HfDeepSpeedConfig(_with_batch_sizes(ds_config, world))
+    model = build_model(spec.model, tokenizer, torch_dtype=dtype)
+    del zero3_loading
     if spec.method == "lora":
         model = apply_lora(model, spec.lora, config.get("trainable_token_ids", ()))
     trainable, total = count_parameters(model)
-    ds_config = deepspeed_config(spec.deepspeed, loop, use_gpu=use_gpu, bf16=dtype == torch.bfloat16)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=_param_groups(model, loop.weight_decay),
@@ -249,7 +266,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window_tokens += int((batch["sequence_ids"] != PAD_SEQUENCE_ID).sum())
         state.step += 1
         if fault_at is not None and state.step == fault_at and not resumed and rank == world - 1:
-            os._exit(1)  # fault injection for resume tests: this worker process dies mid-run
+            # Fault injection for resume tests: this worker process dies mid-run. The pause first lets Ray collect the
+            # last checkpoint report, which a worker that dies at once can lose (RAY-NOTES) - a test of resume must
+            # not depend on that race.
+            time.sleep(2.0)
+            os._exit(1)
 
         metrics: dict[str, Any] = {}
         last = state.step == loop.max_steps
@@ -282,7 +303,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state.stopped_early or last:
             break
         if state.step % loop.checkpoint_every == 0:
-            _save(engine, state, rank, metrics or {"step": state.step})
+            _save(engine, state, rank, metrics or {"step": state.step}, lora=spec.method == "lora")
         elif metrics:
             ray.train.report(metrics)
 
@@ -298,4 +319,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "total_params": total,
     }
     stage = spec.deepspeed.zero_stage
-    _save(engine, state, rank, final, export=partial(_export, engine, spec, tokenizer, rank, stage))
+    _save(
+        engine,
+        state,
+        rank,
+        final,
+        lora=spec.method == "lora",
+        export=partial(_export, engine, spec, tokenizer, rank, stage),
+    )

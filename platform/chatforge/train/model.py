@@ -45,6 +45,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+DEFAULT_DROPOUT = 0.1  # the default model's, when model.dropout is unset
+
 # Config fields that hold a dropout probability, across the architectures we expect (GPT-2, llama, qwen, mistral,
 # phi, gpt-neox, ...). Only those a config already has are overridden.
 DROPOUT_FIELDS = (
@@ -168,9 +170,9 @@ def build_model(
             n_embd=spec.n_embd,
             n_layer=spec.n_layer,
             n_head=spec.n_head,
-            resid_pdrop=spec.dropout,
-            embd_pdrop=spec.dropout,
-            attn_pdrop=spec.dropout,
+            resid_pdrop=DEFAULT_DROPOUT if spec.dropout is None else spec.dropout,
+            embd_pdrop=DEFAULT_DROPOUT if spec.dropout is None else spec.dropout,
+            attn_pdrop=DEFAULT_DROPOUT if spec.dropout is None else spec.dropout,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -179,7 +181,7 @@ def build_model(
     else:
         config = AutoConfig.from_pretrained(spec.name_or_path)
         for field in DROPOUT_FIELDS:
-            if isinstance(getattr(config, field, None), float):
+            if spec.dropout is not None and isinstance(getattr(config, field, None), float):
                 setattr(config, field, spec.dropout)
         # use_safetensors=True refuses pickled (.bin) weights instead of silently unpickling them
         model = AutoModelForCausalLM.from_pretrained(

@@ -9,6 +9,7 @@ OUTPUT/training.json   resolved config, data fingerprints, data and final metric
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -60,6 +61,13 @@ def data_fingerprint(data_dir: str) -> str | None:
         return None
     with open(manifest, encoding="utf-8") as f:
         return json.load(f).get("fingerprint")
+
+
+def _combined_fingerprint(fingerprints: list[str | None]) -> str | None:
+    """The training data's fingerprint: a curation's own for one dataset, a hash of them for several."""
+    if len(fingerprints) == 1:
+        return fingerprints[0]
+    return hashlib.blake2b(json.dumps(fingerprints).encode(), digest_size=16).hexdigest()
 
 
 def with_tag(messages: list[dict[str, str]], tag: str | None) -> list[dict[str, str]]:
@@ -218,6 +226,10 @@ def run_training(spec: Spec, fault_at_step: int | None = None, progress=None) ->
     if not spec.train.data:
         raise TrainDataError("no training data: pass --data DIR (a curation output's data/) or set train.data")
     output = os.path.abspath(spec.train.output)
+    checkpoints = os.path.join(output, "checkpoints")
+    if not spec.train.resume:
+        # Ray Train restores a run found at its storage path; a new run must not silently continue an old one.
+        shutil.rmtree(checkpoints, ignore_errors=True)
     os.makedirs(output, exist_ok=True)
     data_dirs = [resolve_data_dir(d.path) for d in spec.train.data]
 
@@ -246,7 +258,7 @@ def run_training(spec: Spec, fault_at_step: int | None = None, progress=None) ->
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name="train",
-            storage_path=os.path.join(output, "checkpoints"),
+            storage_path=checkpoints,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
         ),
@@ -274,6 +286,7 @@ def run_training(spec: Spec, fault_at_step: int | None = None, progress=None) ->
         "model_dir": os.path.join(output, MODEL_DIR),
         "final_metrics": result.metrics,
         "data": data_stats,
+        "fingerprint": _combined_fingerprint([data_fingerprint(d) for d in data_dirs]),
         "data_fingerprints": [data_fingerprint(d) for d in data_dirs],
         "wall_seconds": round(time.perf_counter() - started, 3),
         "config": resolved(spec),
