@@ -252,11 +252,27 @@ class ToxicityStep:
     spec: ToxicitySpec
 
     def __call__(self, ds):
+        from ray.data import ActorPoolStrategy
+
         return ds.map_batches(
             ToxicityActor,
             fn_constructor_kwargs={"spec": self.spec},
-            concurrency=self.spec.concurrency,
+            compute=ActorPoolStrategy(size=self.spec.concurrency),
             batch_size=self.spec.batch_size,
-            num_cpus=self.spec.num_cpus,
+            num_cpus=actor_cpus(self.spec),
             batch_format="pyarrow",
         )
+
+
+def actor_cpus(spec: ToxicitySpec) -> float:
+    """CPUs each scorer actor reserves, leaving at least one CPU of the cluster to the tasks around the pool.
+
+    The pool's actors hold their CPUs for the whole run: if they took every CPU, the shuffles and maps upstream could
+    never be scheduled and the pipeline would wait forever (seen on a 1-CPU Ray). Reserving less only changes
+    scheduling; the actors still use the cores the OS gives them.
+    """
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 1.0)
+    room = max(total - 1.0, 0.0) / spec.concurrency
+    return min(spec.num_cpus, room)
