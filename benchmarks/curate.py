@@ -61,12 +61,12 @@ def run_ray(corpus: str, output: str, num_cpus: int) -> dict:
     ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     peak = PeakMemory(proc.pid)
-    stdout, _ = proc.communicate()
+    stdout, stderr = proc.communicate()
     peak.stop()
     if proc.returncode:
-        raise SystemExit(f"chatforge curate failed ({proc.returncode})")
+        raise SystemExit(f"chatforge curate failed ({proc.returncode}) at num_cpus={num_cpus}:\n{stderr[-4000:]}")
     manifest = json.loads(stdout.strip().splitlines()[-1])
     return {"manifest": manifest, "wall_s": time.perf_counter() - started, "peak_pss_mb": peak.peak / 2**20}
 
