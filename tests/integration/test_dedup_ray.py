@@ -143,3 +143,17 @@ def test_exact_only_leaves_near_copies_alone(ray_local, corpus):
     assert all(reasons[f"syn:x{i:03d}"] == "duplicate:exact" for i in EXACT_COPIES)
     assert all(reasons[f"syn:p{i:03d}"] is None for i in NEAR_COPIES)
     assert [reasons[f"syn:c{i}"] for i in range(3)] == [None, None, None]
+
+
+def test_empty_blocks_are_dropped_before_the_keyed_shuffle(ray_local):
+    import pyarrow as pa
+    import ray
+
+    from chatforge.data.dedup import _without_empty_blocks
+
+    marks = ray.data.from_arrow([pa.table({"k": ["a"], "v": [3]}), pa.table({}), pa.table({"k": ["b"], "v": [4]})])
+    cleaned = _without_empty_blocks(marks)
+    assert cleaned.num_blocks() == 2 and cleaned.count() == 2
+    rows = ray.data.from_arrow(pa.table({"k": ["a", "b"], "v": [1, 2]}))
+    assert rows.union(cleaned).repartition(2, keys=["k"]).count() == 4
+    assert _without_empty_blocks(ray.data.from_arrow([pa.table({})])) is None

@@ -396,6 +396,18 @@ def no_duplicates(table: pa.Table) -> pa.Table:
 # ---------------------------------------------------------------- the step
 
 
+def _without_empty_blocks(ds: Dataset) -> Dataset | None:
+    """``ds`` materialized without its empty blocks (None if nothing is left).
+
+    Ray 2.60's all-to-all operators can emit empty blocks with no columns, which `map_batches` passes through without
+    calling the UDF; one of them in a keyed shuffle's input makes the reduce fail to concatenate ("Schema at index 1
+    was different"), seen on a 1-CPU Ray with 30k rows. The marks are small, so materializing them costs little.
+    """
+    bundles = ds.materialize().iter_internal_ref_bundles()
+    refs = [entry.ref for bundle in bundles for entry in bundle.blocks if entry.metadata.num_rows]
+    return ray.data.from_arrow_refs(refs) if refs else None
+
+
 def default_num_partitions() -> int:
     return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
@@ -448,9 +460,12 @@ class DedupStep:
         # chatforge does not depend on; hash-partitioning the union does the same job, given one schema.)
         rows_schema = keyed.schema().base_schema
         schema = pa.schema([f for f in rows_schema if f.name not in (HASH, SIG, ROW)] + list(_MARK_SCHEMA))
+        rows = keyed.map_batches(functools.partial(conform, schema=schema), batch_format="pyarrow")
+        marks = _without_empty_blocks(
+            marks.map_batches(functools.partial(conform, schema=schema), batch_format="pyarrow")
+        )
         return (
-            keyed.map_batches(functools.partial(conform, schema=schema), batch_format="pyarrow")
-            .union(marks.map_batches(functools.partial(conform, schema=schema), batch_format="pyarrow"))
+            (rows if marks is None else rows.union(marks))
             .repartition(partitions, keys=[ROW])
             .map_batches(apply_marks, batch_format="pyarrow", batch_size=None)
         )
