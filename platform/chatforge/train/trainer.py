@@ -159,8 +159,8 @@ def prepare_datasets(spec: Spec, data: list[TrainDataSpec], data_dirs: list[str]
     for split, parts in samples.items():
         rows = []
         for domain, ds in enumerate(parts):
-            skipped = ds.count() - ds.filter(expr=_col("supervised") > 0).count()
             usable = ds.filter(expr=_col("supervised") > 0)
+            skipped = ds.count() - usable.count()  # ds is materialized: both counts are cheap
             if split == "train" and fractions[domain] < 1.0:
                 usable = usable.random_sample(fractions[domain], seed=spec.train.seed)
             if split == "val":  # every dataset gets its own share of each evaluation (per-source val loss)
