@@ -23,6 +23,14 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _load(spec: Path, overrides: list[str] | None, output_key: str, output: str | None):
+    """The spec with the command line's overrides, ``--output`` applied last (it wins over an override)."""
+    extra = list(overrides or [])
+    if output:
+        extra.append(f"{output_key}={output}")
+    return load_spec(spec, extra)
+
+
 def _inputs_as_sources(inputs: list[str], fmt: str | None) -> list[SourceSpec]:
     sources: list[SourceSpec] = []
     for number, path in enumerate(inputs, start=1):
@@ -83,11 +91,8 @@ def curate(
     from chatforge.data.sources import SourceError, list_files
     from chatforge.runtime import RayConnectError, init_ray
 
-    extra = list(overrides or [])
-    if output:
-        extra.append(f"curate.output={output}")
     try:
-        loaded = load_spec(spec, extra)
+        loaded = _load(spec, overrides, "curate.output", output)
         if input:
             sources = _inputs_as_sources(input, fmt)
             loaded = loaded.model_copy(update={"curate": loaded.curate.model_copy(update={"sources": sources})})
@@ -110,15 +115,15 @@ def curate(
 
 def _split_data_option(item: str) -> tuple[str, float, str | None]:
     """``DIR[:WEIGHT[:TAG]]`` read from the right, so paths with colons (s3://...) stay whole."""
-    parts = item.rsplit(":", 2)
     for n_fields in (2, 1):
-        if len(parts) > n_fields:
-            head, *fields = item.rsplit(":", n_fields)
-            try:
-                weight = float(fields[0])
-            except ValueError:
-                continue
-            return head, weight, (fields[1] or None) if n_fields == 2 else None
+        head, *fields = item.rsplit(":", n_fields)
+        if len(fields) < n_fields:
+            continue
+        try:
+            weight = float(fields[0])
+        except ValueError:
+            continue
+        return head, weight, (fields[1] or None) if n_fields == 2 else None
     return item, 1.0, None
 
 
@@ -175,11 +180,8 @@ def train(
     from chatforge.runtime import RayConnectError, init_ray
     from chatforge.train.trainer import TrainDataError, resolve_data_dir, run_training
 
-    extra = list(overrides or [])
-    if output:
-        extra.append(f"train.output={output}")
     try:
-        loaded = load_spec(spec, extra)
+        loaded = _load(spec, overrides, "train.output", output)
         if data:
             loaded = loaded.model_copy(update={"train": loaded.train.model_copy(update={"data": _data_sources(data)})})
         for source in loaded.train.data:

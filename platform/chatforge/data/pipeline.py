@@ -157,12 +157,15 @@ class CurationResult:
     files: dict[str, list[str]] = field(default_factory=dict)
 
 
-def input_fingerprint(spec: Spec) -> str:
-    """A hash of the resolved config and the inputs (path, size, and the head and tail of each file)."""
+def input_fingerprint(spec: Spec, files: dict[str, list[str]]) -> str:
+    """A hash of the resolved config and the inputs (path, size, and the head and tail of each file).
+
+    ``files``: each source's files, by source name (as `list_files` gives them).
+    """
     digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps(resolved(spec.curate), sort_keys=True).encode())
     for source in spec.curate.sources:
-        for path in list_files(source):
+        for path in files[source.name]:
             size = os.path.getsize(path)
             digest.update(f"{source.name}\x00{os.path.basename(path)}\x00{size}".encode())
             with open(path, "rb") as f:
@@ -217,7 +220,8 @@ def run_curation(spec: Spec) -> CurationResult:
     curate = spec.curate
     output = os.path.abspath(curate.output)
     started = time.perf_counter()
-    fingerprint = input_fingerprint(spec)
+    files = {source.name: list_files(source) for source in curate.sources}
+    fingerprint = input_fingerprint(spec, files)
     staging = os.path.join(output, f".staging-{uuid.uuid4().hex[:8]}")
     for stale in ("data", "dropped", "manifest.json"):
         target = os.path.join(output, stale)
@@ -261,7 +265,7 @@ def run_curation(spec: Spec) -> CurationResult:
             for name in ["read", *curate.steps]
         ],
         "wall_seconds": round(time.perf_counter() - started, 3),
-        "sources": [{"name": s.name, "format": s.format, "files": list_files(s)} for s in curate.sources],
+        "sources": [{"name": s.name, "format": s.format, "files": files[s.name]} for s in curate.sources],
         "config": resolved(curate),
         "fingerprint": fingerprint,
         "chatforge_version": chatforge.__version__,

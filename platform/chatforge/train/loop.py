@@ -52,12 +52,11 @@ class LoopState:
 
 
 def _init_distributed(use_gpu: bool) -> None:
-    import shutil as _shutil
     import sys
 
     import deepspeed
 
-    if not use_gpu and _shutil.which("c++") is None:
+    if not use_gpu and shutil.which("c++") is None:
         # On CPU DeepSpeed JIT-builds a shared-memory comm op and fails hard without a compiler; without it the
         # collectives are plain gloo (same results). RAY-NOTES: patch the module attribute, found in sys.modules.
         module = sys.modules.get("deepspeed.comm.torch")

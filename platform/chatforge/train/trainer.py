@@ -282,12 +282,13 @@ def run_training(spec: Spec, fault_at_step: int | None = None, progress=None) ->
             if os.path.isdir(os.path.join(directory, name)):
                 shutil.copytree(os.path.join(directory, name), target)
         shutil.copyfile(os.path.join(directory, METRICS_FILE), os.path.join(output, METRICS_FILE))
+    fingerprints = [data_fingerprint(d) for d in data_dirs]
     summary = {
         "model_dir": os.path.join(output, MODEL_DIR),
         "final_metrics": result.metrics,
         "data": data_stats,
-        "fingerprint": _combined_fingerprint([data_fingerprint(d) for d in data_dirs]),
-        "data_fingerprints": [data_fingerprint(d) for d in data_dirs],
+        "fingerprint": _combined_fingerprint(fingerprints),
+        "data_fingerprints": fingerprints,
         "wall_seconds": round(time.perf_counter() - started, 3),
         "config": resolved(spec),
         "chatforge_version": chatforge.__version__,
