@@ -6,6 +6,7 @@ import json
 import random
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from chatforge.config import DedupSpec
@@ -99,12 +100,12 @@ def test_chain_premise(corpus):
     assert estimated_jaccard(a, c) < SPEC.threshold
 
 
-def test_dedup_marks_copies_and_keeps_one_row_per_group(ray_local, corpus):
+def test_dedup_marks_copies_and_keeps_one_row_per_group(ray_local, corpus, tmp_path):
     records, _ = corpus
     table = pa.Table.from_pylist(records, schema=BASE_SCHEMA)
     ds = ray_local.data.from_arrow([table.slice(start, 60) for start in range(0, table.num_rows, 60)])
 
-    rows = DedupStep(SPEC)(ds).take_all()
+    rows = DedupStep(SPEC, workdir=str(tmp_path))(ds).take_all()
 
     assert len(rows) == len(records)
     assert set(rows[0]) == {*BASE_SCHEMA.names, "dup_of", STAGE_SECONDS_COLUMN}
@@ -132,11 +133,11 @@ def test_dedup_marks_copies_and_keeps_one_row_per_group(ray_local, corpus):
     assert seconds > 0
 
 
-def test_exact_only_leaves_near_copies_alone(ray_local, corpus):
+def test_exact_only_leaves_near_copies_alone(ray_local, corpus, tmp_path):
     records, _ = corpus
     ds = ray_local.data.from_arrow(pa.Table.from_pylist(records, schema=BASE_SCHEMA))
 
-    rows = DedupStep(DedupSpec(near=False, num_partitions=3))(ds).take_all()
+    rows = DedupStep(DedupSpec(near=False, num_partitions=3), workdir=str(tmp_path))(ds).take_all()
 
     reasons = {row["id"]: row["drop_reason"] for row in rows if row["id"] != "syn:o010"}
     assert len(rows) == len(records)
@@ -145,15 +146,11 @@ def test_exact_only_leaves_near_copies_alone(ray_local, corpus):
     assert [reasons[f"syn:c{i}"] for i in range(3)] == [None, None, None]
 
 
-def test_empty_blocks_are_dropped_before_the_keyed_shuffle(ray_local):
-    import pyarrow as pa
-    import ray
-
-    from chatforge.data.dedup import _without_empty_blocks
-
-    marks = ray.data.from_arrow([pa.table({"k": ["a"], "v": [3]}), pa.table({}), pa.table({"k": ["b"], "v": [4]})])
-    cleaned = _without_empty_blocks(marks)
-    assert cleaned.num_blocks() == 2 and cleaned.count() == 2
-    rows = ray.data.from_arrow(pa.table({"k": ["a", "b"], "v": [1, 2]}))
-    assert rows.union(cleaned).repartition(2, keys=["k"]).count() == 4
-    assert _without_empty_blocks(ray.data.from_arrow([pa.table({})])) is None
+def test_dedup_streams_rows_from_its_staging_dir_and_handles_no_kept_rows(ray_local, corpus, tmp_path):
+    records, _ = corpus
+    dropped = [{**r, "drop_reason": "filters:short"} for r in records[:50]]
+    ds = ray_local.data.from_arrow(pa.Table.from_pylist(dropped, schema=BASE_SCHEMA))
+    rows = DedupStep(SPEC, workdir=str(tmp_path))(ds).take_all()
+    assert len(rows) == 50 and all(r["drop_reason"] == "filters:short" and r["dup_of"] is None for r in rows)
+    (staged,) = tmp_path.iterdir()  # the rows went to disk once, and come back from there
+    assert sum(pq.ParquetFile(f).metadata.num_rows for f in staged.glob("*.parquet")) == 50

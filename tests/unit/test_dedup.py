@@ -15,7 +15,6 @@ from chatforge.data.dedup import (
     DUP_OF,
     EXACT,
     HASH,
-    IS_MARK,
     LABEL,
     ROW,
     SIG,
@@ -24,9 +23,11 @@ from chatforge.data.dedup import (
     band_keys,
     estimated_jaccard,
     exact_key,
+    merge_marks,
     minhash_signatures,
     normalize_text,
     shingle_hashes,
+    sketch,
     smallest_per_key,
     verified_edges,
 )
@@ -185,23 +186,41 @@ def test_apply_marks_sets_reason_and_dup_of_and_keeps_earlier_reasons():
             "id": ["a", "b", "c", "d"],
             "drop_reason": [None, None, None, "filters:short"],
             ROW: ["a\x00m\x00t.0", "b\x00m\x00t.1", "c\x00m\x00t.2", "d\x00m\x00t.3"],
+            HASH: ["h1", "h1", "h2", None],
         }
     )
-    marks = pa.table(
-        {
-            ROW: ["b\x00m\x00t.1", "b\x00m\x00t.1", "c\x00m\x00t.2"],
-            LABEL: [None, "a\x00m\x00t.0", "a\x00m\x00t.0"],
-            EXACT: [True, False, False],
-            IS_MARK: [True, True, True],
-        }
+    # b is an exact copy of a (two marks: the exact flag, and its label from components), c a near copy of a;
+    # marks come in several blocks, one of them empty and schema-less (as Ray's all-to-all operators emit).
+    marks = merge_marks(
+        [
+            pa.table({ROW: ["b\x00m\x00t.1"], LABEL: pa.array([None], pa.string()), EXACT: [True]}),
+            pa.table({}),
+            pa.table({ROW: ["b\x00m\x00t.1", "c\x00m\x00t.2"], LABEL: ["a\x00m\x00t.0"] * 2, EXACT: [False] * 2}),
+        ]
     )
-    out = apply_marks(pa.concat_tables([rows, marks], promote_options="default"))
+    assert marks.num_rows == 2
+    out = apply_marks(rows, marks)
     assert set(out.column_names) == {"id", "drop_reason", DUP_OF, STAGE_SECONDS_COLUMN}
     by_id = {r["id"]: r for r in out.to_pylist()}
     assert by_id["a"]["drop_reason"] is None and by_id["a"][DUP_OF] is None
     assert (by_id["b"]["drop_reason"], by_id["b"][DUP_OF]) == ("duplicate:exact", "a")
     assert (by_id["c"]["drop_reason"], by_id["c"][DUP_OF]) == ("duplicate:near", "a")
     assert by_id["d"]["drop_reason"] == "filters:short" and by_id["d"][DUP_OF] is None
+
+
+def test_apply_marks_with_no_marks_keeps_every_row():
+    rows = pa.table({"id": ["a"], "drop_reason": pa.array([None], pa.string()), ROW: ["a\x00m\x00t.0"]})
+    out = apply_marks(rows, merge_marks([]))
+    assert out.to_pylist()[0]["drop_reason"] is None and out[DUP_OF].null_count == 1
+
+
+def test_sketch_estimate_matches_the_full_signature():
+    base = minhash_signatures([random_text(3, 200)], 128, 5)[0]
+    for changed in (0, 13, 38, 64, 100):
+        other = base.copy()
+        other[:changed] += 1
+        full = estimated_jaccard(base, other)
+        assert abs(estimated_jaccard(sketch(base), sketch(other)) - full) < 0.03, changed
 
 
 # ---------------------------------------------------------------- connected components, one block at a time

@@ -3,17 +3,20 @@
 Only kept rows take part; nothing is removed. A duplicate gets ``drop_reason`` "duplicate:exact" or
 "duplicate:near" (first reason wins) and ``dup_of`` = the id of the row its group keeps, the smallest id.
 
-The whole job stays in Ray Data (hash-partitioned shuffles and per-block passes; no driver-side set of hashes or
-edges, no per-group Python ``map_groups``):
+Dedup needs every row before it can mark any, yet the rows themselves must stream. So the rows go to disk once and
+only their keys take part in the global work (hash-partitioned shuffles and per-block passes in Ray Data; no
+driver-side set of hashes or edges, no per-group Python ``map_groups``):
 
-1. one pass over the rows adds a row key, the exact hash and the MinHash signature (the hot loop, vectorised);
-2. key rows (row, hash, signature) are hash-partitioned by hash; each block links every copy to the smallest
-   row of its hash (exact edges) and passes the representatives on;
-3. representatives explode to one row per LSH band (band key, row, signature), hash-partitioned by band key;
-   each block verifies the pairs sharing a bucket by estimated Jaccard and emits near edges;
+1. one streaming pass adds a row key, the exact hash and the MinHash signature (the hot loop, vectorised) and
+   writes the rows to a staging directory as Parquet;
+2. the key columns are read back (row, hash, signature) and hash-partitioned by hash; each block links every copy
+   to the smallest row of its hash (exact edges) and passes the representatives on;
+3. representatives explode to one row per LSH band (band key, row, an 8-bit-per-slot sketch of the signature),
+   hash-partitioned by band key; each block verifies the pairs sharing a bucket by estimated Jaccard;
 4. connected components over exact + near edges (`chatforge.data.components`) label each row with its group's
    smallest row, so chains a~b~c end as one group and exact copies point at the row their group keeps;
-5. the labels are hash-partitioned together with the rows by row key and applied in one per-block pass.
+5. the marks (one small row per duplicate) are broadcast by object reference, and the staged rows stream back
+   from disk through a per-block pass that applies them: full rows are never shuffled nor held in memory.
 
 Every function above the `DedupStep` is pure (no Ray) and unit-tested.
 """
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import tempfile
 import time
 import unicodedata
 from collections.abc import Sequence
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import xxhash
 from datasketch import MinHash
@@ -51,11 +57,11 @@ NEAR_REASON = "duplicate:near"
 # when two rows share an id (ids fall back to a content hash, so identical records from one source do), and its
 # string order is the id order, so "smallest row key" means "smallest id".
 ROW, HASH, SIG, REP, BAND = "_dedup_row", "_dedup_hash", "_dedup_sig", "_dedup_rep", "_dedup_band"
-LABEL, EXACT, IS_MARK = "_dedup_label", "_dedup_exact", "_dedup_is_mark"
+SKETCH, LABEL, EXACT = "_dedup_sketch", "_dedup_label", "_dedup_exact"
 _KEY_SEPARATOR = "\x00"
 _EDGE_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string())])
 # A mark: row ROW is a duplicate; of LABEL (a row key) when known, and EXACT when it is an exact copy.
-_MARK_SCHEMA = pa.schema([(ROW, pa.string()), (LABEL, pa.string()), (EXACT, pa.bool_()), (IS_MARK, pa.bool_())])
+_MARK_SCHEMA = pa.schema([(ROW, pa.string()), (LABEL, pa.string()), (EXACT, pa.bool_())])
 
 _MAX_HASH = np.uint32(0xFFFFFFFF)
 _SHINGLE_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: shingle hash = polynomial in word hashes
@@ -168,8 +174,20 @@ def minhash_signatures(texts: Sequence[str], num_perm: int, shingle_words: int, 
 
 
 def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Fraction of equal signature slots (rows of ``a`` against rows of ``b``)."""
-    return np.mean(a == b, axis=-1)
+    """Fraction of equal signature slots (rows of ``a`` against rows of ``b``).
+
+    For 8-bit sketches (uint8, the low byte of each slot) two different slot values still agree 1 time in 256; the
+    estimate takes that out (b-bit minwise hashing, Li & König 2010). Its error stays that of the slot count.
+    """
+    agree = np.mean(a == b, axis=-1)
+    if a.dtype == np.uint8:
+        return np.maximum((agree - 1 / 256) / (1 - 1 / 256), 0.0)
+    return agree
+
+
+def sketch(signatures: np.ndarray) -> np.ndarray:
+    """The low byte of every slot: a quarter of the bytes to carry through the band shuffle, same accuracy."""
+    return signatures.astype(np.uint8)
 
 
 def band_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
@@ -323,15 +341,15 @@ def no_exact_block(table: pa.Table) -> pa.Table:
 
 
 def band_rows(table: pa.Table, bands: int) -> pa.Table:
-    """One row per (representative, band): ``BAND`` key, row key, and the whole signature for verification."""
+    """One row per (representative, band): ``BAND`` key, row key, and the signature's sketch for verification."""
     signatures = _signature_matrix(table[SIG])
     keys = band_keys(signatures, bands).ravel()
-    repeated = np.repeat(signatures, bands, axis=0)
+    repeated = np.repeat(sketch(signatures), bands, axis=0)
     return pa.table(
         {
             BAND: pa.array(keys, pa.int64()),
             ROW: table[ROW].take(np.repeat(np.arange(table.num_rows), bands)),
-            SIG: pa.FixedSizeListArray.from_arrays(pa.array(repeated.ravel()), signatures.shape[1]),
+            SKETCH: pa.FixedSizeListArray.from_arrays(pa.array(repeated.ravel()), signatures.shape[1]),
         }
     )
 
@@ -341,7 +359,7 @@ def near_block(table: pa.Table, threshold: float) -> pa.Table:
     edges = []
     if table.num_rows:
         keys = table[BAND].to_numpy()
-        edges = verified_edges(keys, table[ROW].to_pylist(), _signature_matrix(table[SIG]), threshold)
+        edges = verified_edges(keys, table[ROW].to_pylist(), _signature_matrix(table[SKETCH]), threshold)
     return pa.table({"src": [e[0] for e in edges], "dst": [e[1] for e in edges]}, schema=_EDGE_SCHEMA)
 
 
@@ -358,35 +376,51 @@ def near_marks(labels: pa.Table) -> pa.Table:
 
 
 def _marks(rows: pa.ChunkedArray, labels: pa.ChunkedArray | pa.Array, exact: bool) -> pa.Table:
-    flags = [pa.array([exact] * len(rows), pa.bool_()), pa.array([True] * len(rows), pa.bool_())]
-    return pa.table([rows, labels, *flags], schema=_MARK_SCHEMA)
+    return pa.table([rows, labels, pa.array([exact] * len(rows), pa.bool_())], schema=_MARK_SCHEMA)
 
 
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` with exactly ``schema``'s columns (missing ones null): rows and marks must match to share a shuffle."""
-    n = table.num_rows
-    arrays = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type) for f in schema]
-    return pa.Table.from_arrays(arrays, schema=schema)
+def merge_marks(parts: Sequence[pa.Table]) -> pa.Table:
+    """One row per marked row: its label (an exact copy has two marks when near dedup runs: the EXACT flag, and
+    its group's label from components) and whether it is an exact copy."""
+    parts = [part.select(_MARK_SCHEMA.names).cast(_MARK_SCHEMA) for part in parts if part.num_rows]
+    marks = pa.concat_tables(parts) if parts else _MARK_SCHEMA.empty_table()
+    merged = marks.group_by(ROW).aggregate([(LABEL, "max"), (EXACT, "any")])
+    return merged.rename_columns([ROW, LABEL, EXACT])
 
 
-def apply_marks(block: pa.Table) -> pa.Table:
-    """Rows and marks of one row-key partition -> the rows, duplicates marked, ``dup_of`` set, temp columns gone."""
+def apply_marks(rows: pa.Table, marks: pa.Table) -> pa.Table:
+    """Staged rows + the merged marks -> the rows, duplicates marked, ``dup_of`` set, temp columns gone."""
     started = time.perf_counter()
-    is_mark = pc.fill_null(block[IS_MARK], False)
-    # An exact copy has two marks when near dedup runs: the EXACT flag, and its group's label from components.
-    marks = block.filter(is_mark).group_by(ROW).aggregate([(LABEL, "max"), (EXACT, "any")])
-    rows = block.filter(pc.invert(is_mark))
     where = pc.index_in(rows[ROW], value_set=marks[ROW])
-    label = marks[f"{LABEL}_max"].take(where)
-    reason = pc.if_else(pc.fill_null(marks[f"{EXACT}_any"].take(where), False), EXACT_REASON, NEAR_REASON)
+    label = marks[LABEL].take(where)
+    reason = pc.if_else(pc.fill_null(marks[EXACT].take(where), False), EXACT_REASON, NEAR_REASON)
     reason = pc.if_else(pc.is_valid(label), reason, pa.scalar(None, pa.string()))
     dup_of = pc.list_element(pc.split_pattern(label, _KEY_SEPARATOR, max_splits=1), 0)
     rows = rows.set_column(
         rows.schema.get_field_index("drop_reason"), "drop_reason", pc.coalesce(rows["drop_reason"], reason)
     )
-    rows = rows.drop_columns([c for c in (ROW, LABEL, EXACT, IS_MARK, DUP_OF) if c in rows.column_names])
+    rows = rows.drop_columns([c for c in (ROW, HASH, SIG, DUP_OF) if c in rows.column_names])
     rows = rows.append_column(DUP_OF, dup_of.cast(pa.string()))
     return _charge_seconds(rows, time.perf_counter() - started)
+
+
+_merged_marks: dict[tuple[str, ...], pa.Table] = {}  # per worker process: merge each run's marks once
+
+
+class ApplyMarks:
+    """`apply_marks` as a Ray Data batch function, given the marks' blocks as object references (a broadcast:
+    marks are one small row per duplicate; each worker process fetches and merges them once)."""
+
+    def __init__(self, mark_blocks: list[ray.ObjectRef]) -> None:
+        self.mark_blocks = mark_blocks
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        key = tuple(ref.hex() for ref in self.mark_blocks)
+        marks = _merged_marks.get(key)
+        if marks is None:
+            _merged_marks.clear()
+            marks = _merged_marks[key] = merge_marks(ray.get(self.mark_blocks))
+        return apply_marks(rows, marks)
 
 
 def no_duplicates(table: pa.Table) -> pa.Table:
@@ -396,39 +430,48 @@ def no_duplicates(table: pa.Table) -> pa.Table:
 # ---------------------------------------------------------------- the step
 
 
-def _without_empty_blocks(ds: Dataset) -> Dataset | None:
-    """``ds`` materialized without its empty blocks (None if nothing is left).
-
-    Ray 2.60's all-to-all operators can emit empty blocks with no columns, which `map_batches` passes through without
-    calling the UDF; one of them in a keyed shuffle's input makes the reduce fail to concatenate ("Schema at index 1
-    was different"), seen on a 1-CPU Ray with 30k rows. The marks are small, so materializing them costs little.
-    """
-    bundles = ds.materialize().iter_internal_ref_bundles()
-    refs = [entry.ref for bundle in bundles for entry in bundle.blocks if entry.metadata.num_rows]
-    return ray.data.from_arrow_refs(refs) if refs else None
-
-
 def default_num_partitions() -> int:
     return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
 @dataclass(frozen=True)
 class DedupStep:
-    """Marks exact and near duplicates (see the module docstring); adds ``dup_of``. Row order is not kept."""
+    """Marks exact and near duplicates (see the module docstring); adds ``dup_of``. Row order is not kept.
+
+    ``workdir``: where the rows are staged (the pipeline passes a directory under the run's output, which every node
+    of a cluster must be able to read; the caller removes it after the dataset is consumed). None: a local temp dir.
+    """
 
     spec: DedupSpec
+    workdir: str | None = None
 
     def __call__(self, ds: Dataset) -> Dataset:
         spec = self.spec
         if not (spec.exact or spec.near):
             return ds.map_batches(no_duplicates, batch_format="pyarrow")
-        # The one full materialization: the keyed rows feed both the key tables below and the final shuffle, and
-        # without it everything upstream (read, filters, pii) would run twice.
-        keyed = ds.map_batches(KeyRows(spec), batch_format="pyarrow").materialize()
-        if keyed.count() == 0:
-            return keyed.drop_columns([ROW, HASH, SIG]).map_batches(no_duplicates, batch_format="pyarrow")
+        staged = tempfile.mkdtemp(prefix="dedup-", dir=self.workdir)
+        # The one pass over everything upstream (read, filters, pii, ...): the rows go to disk with their keys.
+        ds.map_batches(KeyRows(spec), batch_format="pyarrow").write_parquet(staged)
+        files = sorted(name for name in os.listdir(staged) if name.endswith(".parquet"))
+        if not files:
+            return ds.map_batches(no_duplicates, batch_format="pyarrow")
+        row_columns = [name for name in pq.read_schema(os.path.join(staged, files[0])).names if name not in (HASH, SIG)]
+        marks = self._marks(ray.data.read_parquet(staged, columns=[ROW, HASH, SIG]), spec)
+        mark_blocks = [
+            entry.ref
+            for bundle in marks.materialize().iter_internal_ref_bundles()
+            for entry in bundle.blocks
+            if entry.metadata.num_rows
+        ]
+        return ray.data.read_parquet(staged, columns=row_columns).map_batches(
+            ApplyMarks(mark_blocks), batch_format="pyarrow"
+        )
+
+    @staticmethod
+    def _marks(keys: Dataset, spec: DedupSpec) -> Dataset:
+        """Key rows (row, hash, signature) -> marks (row, label, exact), one per duplicate (two for some)."""
         partitions = spec.num_partitions or default_num_partitions()
-        keys = keyed.filter(expr=col(HASH).is_not_null()).select_columns([ROW, HASH, SIG])
+        keys = keys.filter(expr=col(HASH).is_not_null())
         if spec.exact:
             keys = keys.repartition(partitions, keys=[HASH]).map_batches(
                 exact_block, batch_format="pyarrow", batch_size=None
@@ -439,33 +482,18 @@ class DedupStep:
         exact_edges = (
             keys.filter(expr=col(REP).is_not_null()).select_columns([ROW, REP]).rename_columns({ROW: "src", REP: "dst"})
         )
-        if spec.near:
-            near_edges = (
-                keys.filter(expr=col(REP).is_null() & col(SIG).is_not_null())
-                .map_batches(functools.partial(band_rows, bands=spec.bands), batch_format="pyarrow")
-                .repartition(partitions, keys=[BAND])
-                .map_batches(
-                    functools.partial(near_block, threshold=spec.threshold), batch_format="pyarrow", batch_size=None
-                )
+        if not spec.near:
+            return exact_edges.map_batches(functools.partial(exact_marks, with_label=True), batch_format="pyarrow")
+        near_edges = (
+            keys.filter(expr=col(REP).is_null() & col(SIG).is_not_null())
+            .map_batches(functools.partial(band_rows, bands=spec.bands), batch_format="pyarrow")
+            .repartition(partitions, keys=[BAND])
+            .map_batches(
+                functools.partial(near_block, threshold=spec.threshold), batch_format="pyarrow", batch_size=None
             )
-            components = connected_components(exact_edges.union(near_edges), partitions, spec.max_iterations)
-            logger.info("dedup: connected components took %d rounds", components.rounds)
-            marks = components.labels.map_batches(near_marks, batch_format="pyarrow").union(
-                exact_edges.map_batches(functools.partial(exact_marks, with_label=False), batch_format="pyarrow")
-            )
-        else:
-            marks = exact_edges.map_batches(functools.partial(exact_marks, with_label=True), batch_format="pyarrow")
-
-        # The only shuffle of the full rows: marks meet their rows by row key. (Ray's join needs polars, which
-        # chatforge does not depend on; hash-partitioning the union does the same job, given one schema.)
-        rows_schema = keyed.schema().base_schema
-        schema = pa.schema([f for f in rows_schema if f.name not in (HASH, SIG, ROW)] + list(_MARK_SCHEMA))
-        rows = keyed.map_batches(functools.partial(conform, schema=schema), batch_format="pyarrow")
-        marks = _without_empty_blocks(
-            marks.map_batches(functools.partial(conform, schema=schema), batch_format="pyarrow")
         )
-        return (
-            (rows if marks is None else rows.union(marks))
-            .repartition(partitions, keys=[ROW])
-            .map_batches(apply_marks, batch_format="pyarrow", batch_size=None)
+        components = connected_components(exact_edges.union(near_edges), partitions, spec.max_iterations)
+        logger.info("dedup: connected components took %d rounds", components.rounds)
+        return components.labels.map_batches(near_marks, batch_format="pyarrow").union(
+            exact_edges.map_batches(functools.partial(exact_marks, with_label=False), batch_format="pyarrow")
         )

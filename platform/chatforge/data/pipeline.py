@@ -55,15 +55,23 @@ UNSPLIT_BUCKET = "all"  # kept rows when the spec has no split step
 TOXICITY_BINS = 10
 
 
-def build_steps(curate: CurateSpec) -> list:
-    return [STEPS[name](getattr(curate, name)) for name in curate.steps]
+def build_steps(curate: CurateSpec, workdir: str | None = None) -> list:
+    """The spec's steps in order; ``workdir`` is where a step that stages rows (dedup) may write."""
+    return [
+        DedupStep(curate.dedup, workdir=workdir) if name == "dedup" else STEPS[name](getattr(curate, name))
+        for name in curate.steps
+    ]
 
 
-def curated_dataset(curate: CurateSpec):
-    """The lazy Ray Dataset of every input record after every step (nothing runs until it is consumed)."""
+def curated_dataset(curate: CurateSpec, workdir: str | None = None):
+    """The Ray Dataset of every input record after every step.
+
+    Lazy up to dedup, which runs everything before it once (staging the rows under ``workdir``); the rest runs when
+    the dataset is consumed, which must happen before ``workdir`` is removed.
+    """
     parts = [read_source(source, curate.read, curate.normalize) for source in curate.sources]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    for step in build_steps(curate):
+    for step in build_steps(curate, workdir):
         ds = step(ds)
     return ds
 
@@ -222,17 +230,21 @@ def run_curation(spec: Spec) -> CurationResult:
     started = time.perf_counter()
     files = {source.name: list_files(source) for source in curate.sources}
     fingerprint = input_fingerprint(spec, files)
-    staging = os.path.join(output, f".staging-{uuid.uuid4().hex[:8]}")
+    run_id = uuid.uuid4().hex[:8]
+    staging = os.path.join(output, f".staging-{run_id}")
+    workdir = os.path.join(output, f".work-{run_id}")
     for stale in ("data", "dropped", "manifest.json"):
         target = os.path.join(output, stale)
         if os.path.isdir(target):
             shutil.rmtree(target)
         elif os.path.exists(target):
             os.remove(target)
-    os.makedirs(output, exist_ok=True)
-
-    ds = curated_dataset(curate).map_batches(TagForWrite(), batch_format="pyarrow", batch_size=None)
-    ds.write_parquet(staging, partition_cols=[BUCKET_COLUMN])
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        ds = curated_dataset(curate, workdir).map_batches(TagForWrite(), batch_format="pyarrow", batch_size=None)
+        ds.write_parquet(staging, partition_cols=[BUCKET_COLUMN])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
     stats = _collect_stats(os.path.join(staging, f"{BUCKET_COLUMN}={STATS_BUCKET}"))
     os.makedirs(os.path.join(output, "data"), exist_ok=True)
