@@ -11,8 +11,9 @@ driver-side set of hashes or edges, no per-group Python ``map_groups``):
    writes the rows to a staging directory as Parquet;
 2. the key columns are read back (row, hash, signature) and hash-partitioned by hash; each block links every copy
    to the smallest row of its hash (exact edges) and passes the representatives on;
-3. representatives explode to one row per LSH band (band key, row, an 8-bit-per-slot sketch of the signature),
-   hash-partitioned by band key; each block verifies the pairs sharing a bucket by estimated Jaccard;
+3. representatives explode to one row per LSH band (band key, row, a 4-bit-per-slot sketch of the signature),
+   hash-partitioned by band key (a few bands per shuffle); each block verifies the pairs sharing a bucket by
+   estimated Jaccard;
 4. connected components over exact + near edges (`chatforge.data.components`) label each row with its group's
    smallest row, so chains a~b~c end as one group and exact copies point at the row their group keeps;
 5. the marks (one small row per duplicate) are broadcast by object reference, and the staged rows stream back
@@ -66,7 +67,8 @@ _MARK_SCHEMA = pa.schema([(ROW, pa.string()), (LABEL, pa.string()), (EXACT, pa.b
 _MAX_HASH = np.uint32(0xFFFFFFFF)
 _SHINGLE_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: shingle hash = polynomial in word hashes
 _BAND_MULTIPLIER = np.uint64(0x100000001B3)  # FNV-1a's prime, to mix the values of a band into one key
-_SHINGLES_PER_CHUNK = 1 << 16  # bounds the (num_perm x shingles) matrix of one chunk to num_perm * 256 KiB
+_SHINGLES_PER_CHUNK = 1 << 16
+BANDS_PER_SHUFFLE = 8  # LSH bands whose rows share one shuffle (see DedupStep._marks)  # bounds the (num_perm x shingles) matrix of one chunk to num_perm * 256 KiB
 
 
 # ---------------------------------------------------------------- normalized text and the exact key
@@ -174,20 +176,27 @@ def minhash_signatures(texts: Sequence[str], num_perm: int, shingle_words: int, 
 
 
 def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Fraction of equal signature slots (rows of ``a`` against rows of ``b``).
-
-    For 8-bit sketches (uint8, the low byte of each slot) two different slot values still agree 1 time in 256; the
-    estimate takes that out (b-bit minwise hashing, Li & König 2010). Its error stays that of the slot count.
-    """
-    agree = np.mean(a == b, axis=-1)
-    if a.dtype == np.uint8:
-        return np.maximum((agree - 1 / 256) / (1 - 1 / 256), 0.0)
-    return agree
+    """Fraction of equal signature slots (rows of ``a`` against rows of ``b``)."""
+    return np.mean(a == b, axis=-1)
 
 
 def sketch(signatures: np.ndarray) -> np.ndarray:
-    """The low byte of every slot: a quarter of the bytes to carry through the band shuffle, same accuracy."""
-    return signatures.astype(np.uint8)
+    """The low 4 bits of every slot, two slots a byte: an eighth of the signature's bytes, which is what the LSH
+    band rows (one per band per row) carry for verification. See `sketch_jaccard`."""
+    nibbles = (signatures & np.uint32(0xF)).astype(np.uint8)
+    if nibbles.shape[-1] % 2:
+        nibbles = np.concatenate([nibbles, np.zeros(nibbles.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << np.uint8(4))
+
+
+def sketch_jaccard(a: np.ndarray, b: np.ndarray, num_perm: int) -> np.ndarray:
+    """Estimated Jaccard from two sketches: b-bit minwise hashing (Li & König 2010). Two different slot values
+    still agree in their low 4 bits 1 time in 16, which the estimate takes out; its error stays close to that of
+    the full signature (the slot count dominates it)."""
+    differ = np.bitwise_xor(a, b)
+    same = np.stack([(differ & np.uint8(0xF)) == 0, (differ >> np.uint8(4)) == 0], axis=-1)
+    agree = same.reshape(same.shape[:-2] + (-1,))[..., :num_perm].mean(axis=-1)
+    return np.maximum((agree - 1 / 16) / (1 - 1 / 16), 0.0)
 
 
 def band_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
@@ -216,7 +225,7 @@ def smallest_per_key(keys: Sequence[str] | pa.Array, rows: Sequence[str] | pa.Ar
 
 
 def verified_edges(
-    keys: np.ndarray, rows: Sequence[str], signatures: np.ndarray, threshold: float
+    keys: np.ndarray, rows: Sequence[str], signatures: np.ndarray, threshold: float, similarity=estimated_jaccard
 ) -> list[tuple[str, str]]:
     """Near-duplicate edges among one block of band rows (``keys[i]`` is row i's bucket in one band).
 
@@ -244,7 +253,7 @@ def verified_edges(
     pairs = np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)  # a pair shares buckets in several bands
     similar = np.concatenate(
         [
-            estimated_jaccard(node_signatures[chunk[:, 0]], node_signatures[chunk[:, 1]]) >= threshold
+            similarity(node_signatures[chunk[:, 0]], node_signatures[chunk[:, 1]]) >= threshold
             for chunk in np.array_split(pairs, max(1, len(pairs) // 65536))
         ]
     )
@@ -340,26 +349,27 @@ def no_exact_block(table: pa.Table) -> pa.Table:
     return pa.table({ROW: table[ROW], REP: pa.nulls(table.num_rows, pa.string()), SIG: table[SIG]})
 
 
-def band_rows(table: pa.Table, bands: int) -> pa.Table:
-    """One row per (representative, band): ``BAND`` key, row key, and the signature's sketch for verification."""
+def band_rows(table: pa.Table, bands: int, first: int = 0, last: int | None = None) -> pa.Table:
+    """One row per (representative, band in ``first:last``): ``BAND`` key, row key, and the signature's sketch."""
     signatures = _signature_matrix(table[SIG])
-    keys = band_keys(signatures, bands).ravel()
-    repeated = np.repeat(sketch(signatures), bands, axis=0)
+    keys = band_keys(signatures, bands)[:, first:last]
+    repeated = np.repeat(sketch(signatures), keys.shape[1], axis=0)
     return pa.table(
         {
-            BAND: pa.array(keys, pa.int64()),
-            ROW: table[ROW].take(np.repeat(np.arange(table.num_rows), bands)),
-            SKETCH: pa.FixedSizeListArray.from_arrays(pa.array(repeated.ravel()), signatures.shape[1]),
+            BAND: pa.array(keys.ravel(), pa.int64()),
+            ROW: table[ROW].take(np.repeat(np.arange(table.num_rows), keys.shape[1])),
+            SKETCH: pa.FixedSizeListArray.from_arrays(pa.array(repeated.ravel()), repeated.shape[1]),
         }
     )
 
 
-def near_block(table: pa.Table, threshold: float) -> pa.Table:
+def near_block(table: pa.Table, threshold: float, num_perm: int) -> pa.Table:
     """Band rows of one hash partition -> verified edges ``src, dst``."""
     edges = []
     if table.num_rows:
-        keys = table[BAND].to_numpy()
-        edges = verified_edges(keys, table[ROW].to_pylist(), _signature_matrix(table[SKETCH]), threshold)
+        similarity = functools.partial(sketch_jaccard, num_perm=num_perm)
+        keys, rows, sketches = table[BAND].to_numpy(), table[ROW].to_pylist(), _signature_matrix(table[SKETCH])
+        edges = verified_edges(keys, rows, sketches, threshold, similarity)
     return pa.table({"src": [e[0] for e in edges], "dst": [e[1] for e in edges]}, schema=_EDGE_SCHEMA)
 
 
@@ -484,15 +494,20 @@ class DedupStep:
         )
         if not spec.near:
             return exact_edges.map_batches(functools.partial(exact_marks, with_label=True), batch_format="pyarrow")
-        near_edges = (
-            keys.filter(expr=col(REP).is_null() & col(SIG).is_not_null())
-            .map_batches(functools.partial(band_rows, bands=spec.bands), batch_format="pyarrow")
-            .repartition(partitions, keys=[BAND])
-            .map_batches(
-                functools.partial(near_block, threshold=spec.threshold), batch_format="pyarrow", batch_size=None
+        # Bands go through the shuffle a few at a time, each group's edges materialized before the next: the band rows
+        # (one per row per band) are the largest thing dedup moves, and this bounds how many exist at once.
+        representatives = keys.filter(expr=col(REP).is_null() & col(SIG).is_not_null())
+        near_edges = []
+        for first in range(0, spec.bands, BANDS_PER_SHUFFLE):
+            band_fn = functools.partial(band_rows, bands=spec.bands, first=first, last=first + BANDS_PER_SHUFFLE)
+            verify = functools.partial(near_block, threshold=spec.threshold, num_perm=spec.num_perm)
+            near_edges.append(
+                representatives.map_batches(band_fn, batch_format="pyarrow")
+                .repartition(partitions, keys=[BAND])
+                .map_batches(verify, batch_format="pyarrow", batch_size=None)
+                .materialize()
             )
-        )
-        components = connected_components(exact_edges.union(near_edges), partitions, spec.max_iterations)
+        components = connected_components(exact_edges.union(*near_edges), partitions, spec.max_iterations)
         logger.info("dedup: connected components took %d rounds", components.rounds)
         return components.labels.map_batches(near_marks, batch_format="pyarrow").union(
             exact_edges.map_batches(functools.partial(exact_marks, with_label=False), batch_format="pyarrow")
