@@ -154,3 +154,15 @@ def test_dedup_streams_rows_from_its_staging_dir_and_handles_no_kept_rows(ray_lo
     assert len(rows) == 50 and all(r["drop_reason"] == "filters:short" and r["dup_of"] is None for r in rows)
     (staged,) = tmp_path.iterdir()  # the rows went to disk once, and come back from there
     assert sum(pq.ParquetFile(f).metadata.num_rows for f in staged.glob("*.parquet")) == 50
+
+
+def test_components_label_a_chain_when_the_edges_hold_empty_blocks(ray_local):
+    from chatforge.data.components import connected_components, without_empty_blocks
+
+    edges = ray_local.data.from_arrow(
+        [pa.table({"src": ["b"], "dst": ["a"]}), pa.table({}), pa.table({"src": ["c"], "dst": ["b"]}), pa.table({})]
+    )
+    cleaned = without_empty_blocks(edges.materialize())
+    assert cleaned.num_blocks() == 2 and cleaned.count() == 2
+    labels = connected_components(edges, num_partitions=3, max_iterations=10).labels.take_all()
+    assert {row["node"]: row["label"] for row in labels} == {"a": "a", "b": "a", "c": "a"}
