@@ -9,9 +9,18 @@ PYTEST_ARGS ?=
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench lint format clean
+.PHONY: setup system-packages demo test test-fast bench lint format clean
 
-setup: $(VENV)/.setup-done
+setup: system-packages $(VENV)/.setup-done
+
+# Debian packages the tests need: PostgreSQL's server binaries (the feedback-store tests start a private server).
+system-packages:
+	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing PostgreSQL (apt-get install postgresql)"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; \
+	fi
 
 $(VENV)/.setup-done: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +36,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 demo: setup
 	$(BIN)/chatforge curate pipelines/quickstart.yaml
 	$(BIN)/chatforge train pipelines/quickstart.yaml
+	$(BIN)/chatforge serve pipelines/quickstart.yaml --check
 
 test: setup
 	$(BIN)/python -m pytest -m "not gpu" --timeout=900 $(PYTEST_ARGS)

@@ -67,7 +67,11 @@ def run_ray(corpus: str, output: str, num_cpus: int) -> dict:
     peak.stop()
     if proc.returncode:
         raise SystemExit(f"chatforge curate failed ({proc.returncode}) at num_cpus={num_cpus}:\n{stderr[-4000:]}")
-    manifest = json.loads(stdout.strip().splitlines()[-1])
+    # The manifest is the last JSON line; a library may print after it (the line is looked for, not assumed).
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise SystemExit(f"chatforge curate printed no manifest at num_cpus={num_cpus}:\n{stdout[-2000:]}")
+    manifest = json.loads(lines[-1])
     return {"manifest": manifest, "wall_s": time.perf_counter() - started, "peak_pss_mb": peak.peak / 2**20}
 
 

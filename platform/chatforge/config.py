@@ -239,6 +239,109 @@ class ScalingSpec(Strict):
     max_failures: int = Field(2, ge=0, description="worker-group restarts (from the last checkpoint) before failing")
 
 
+# ---------------------------------------------------------------- serving
+
+
+class AutoscalingSpec(Strict):
+    """Ray Serve autoscaling of one model variant (its replicas)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="requests in flight per replica to aim for")
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0, description="window the ongoing-request average is taken over")
+    metrics_interval_s: float = Field(10.0, gt=0, description="how often replicas report their load")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class EngineSpec(Strict):
+    """Generation inside one replica: how requests are batched and bounded."""
+
+    max_batch_size: int = Field(16, ge=1, description="sequences decoded together (and @serve.batch size)")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch: wait this long to fill a batch")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
+    max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
+    context_window: int | None = Field(
+        None, ge=8, description="prompt + completion tokens; None: the model's own (n_positions / max_position_...)"
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per replica; None: the replica's CPUs")
+
+
+class VariantSpec(Strict):
+    """One served model; several variants split traffic by weight (A/B)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="the `model` name clients see")
+    model: str | None = Field(None, description="dir of an exported model (chatforge train's OUTPUT/model)")
+    weight: float = Field(1.0, ge=0, description="share of traffic, relative to the other variants")
+    engine: EngineSpec = EngineSpec()
+    autoscaling: AutoscalingSpec = AutoscalingSpec()
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica accepts at once (caps the batch)")
+
+
+class GuardSpec(Strict):
+    """Toxicity guard on what users send and what the model answers."""
+
+    toxicity: ToxicitySpec = ToxicitySpec(threshold=0.8)
+    input_policy: Literal["block", "flag", "off"] = "flag"
+    output_policy: Literal["block", "flag", "off"] = "block"
+    refusal: str = "I can't help with that. Let's keep the conversation respectful."
+
+
+class AuthSpec(Strict):
+    """API keys: plain keys from an env var, and/or a file of SHA-256 hex digests (one per line)."""
+
+    api_keys_env: str = Field("CHATFORGE_API_KEYS", description="env var holding comma-separated keys")
+    api_keys_file: str | None = Field(None, description="file of sha256 hex digests of keys, one per line")
+
+
+class FeedbackSpec(Strict):
+    """The store of completions and ratings (SQLAlchemy URL; SQLite by default)."""
+
+    url: str = "sqlite:///runs/serve/feedback.db"
+    url_env: str | None = Field(
+        "CHATFORGE_FEEDBACK_URL", description="env var that, when set, replaces url (keeps passwords out of YAML)"
+    )
+    scrub_pii: bool = True
+
+
+class ServeSpec(Strict):
+    """`chatforge serve` and `build_app(args)`: the OpenAI-compatible application."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    variants: list[VariantSpec] = Field(
+        default_factory=lambda: [VariantSpec(name="chatforge-quickstart", model="runs/quickstart/train/model")]
+    )
+    guard: GuardSpec = GuardSpec()
+    auth: AuthSpec = AuthSpec()
+    feedback: FeedbackSpec = FeedbackSpec()
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    max_messages: int = Field(512, ge=1)
+    metrics: bool = True
+    ingress_num_cpus: float = Field(0.5, gt=0, description="CPUs per HTTP ingress replica")
+    ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas")
+
+    @model_validator(mode="after")
+    def _variants(self) -> ServeSpec:
+        if not self.variants:
+            raise ValueError("serve.variants: at least one variant is needed")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"serve.variants: names must be unique, got {names}")
+        if sum(v.weight for v in self.variants) <= 0:
+            raise ValueError("serve.variants: at least one variant needs a weight > 0")
+        return self
+
+
 class Spec(Strict):
     """A pipeline spec: the sections a command does not use are allowed and ignored by it."""
 
@@ -252,6 +355,7 @@ class Spec(Strict):
     method: Literal["full", "lora"] = "full"
     lora: LoraSpec = LoraSpec()
     scaling: ScalingSpec = ScalingSpec()
+    serve: ServeSpec = ServeSpec()
 
 
 # ---------------------------------------------------------------- loading
@@ -282,7 +386,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
-def _describe(error: ValidationError, origin: str) -> str:
+def describe_errors(error: ValidationError, origin: str) -> str:
+    """A validation error as lines naming each bad key by its dotted path (for specs and Serve args alike)."""
     lines = [f"{origin}: {error.error_count()} problem(s) in the spec"]
     for item in error.errors():
         path = ".".join(str(p) for p in item["loc"]) or "(top level)"
@@ -315,7 +420,7 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
     try:
         return model.model_validate(tree)
     except ValidationError as err:
-        raise SpecError(_describe(err, origin)) from None
+        raise SpecError(describe_errors(err, origin)) from None
 
 
 def resolved(spec: Strict) -> dict[str, Any]:

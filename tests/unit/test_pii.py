@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chatforge.config import PII_TYPES, PiiSpec
-from chatforge.data.pii import PII_COUNTS_TYPE, find_pii, iban_valid, luhn_valid, scrub_records, scrub_text
+from chatforge.data.pii import LABELS, PII_COUNTS_TYPE, find_pii, iban_valid, luhn_valid, scrub_records, scrub_text
 from chatforge.data.schema import BASE_SCHEMA, records_to_table, with_columns
 
 ZEROS = dict.fromkeys(PII_TYPES, 0)
@@ -83,17 +83,6 @@ SEEDED = [
     ("national_id", "JG103759A", "NINO: JG103759A"),
     ("national_id", "NY 12 34 56 D", "National Insurance NY 12 34 56 D for payroll."),
 ]
-
-LABELS = {
-    "email": "EMAIL",
-    "phone": "PHONE",
-    "card": "CARD",
-    "iban": "IBAN",
-    "ip": "IP",
-    "secret": "SECRET",
-    "url_credentials": "CREDENTIALS",
-    "national_id": "NATIONAL_ID",
-}
 
 
 def test_seeded_set_covers_every_type_five_times():

@@ -1,0 +1,253 @@
+"""Serving throughput and latency: chatforge's Ray Serve app over HTTP at concurrency 1, 8 and 32.
+
+    .venv/bin/python benchmarks/serve.py --json                 # the default model; expect ~10 minutes on 2 cores
+    .venv/bin/python benchmarks/serve.py --requests 4 --max-tokens 8 --concurrency 1,2   # a smoke run
+
+Serves ``--model`` (default: a freshly built model of chatforge's default config, 4 layers x 256, vocab 8000,
+random weights, saved to a temp dir: throughput does not depend on what the weights say) on 127.0.0.1 only, and
+measures, per concurrency level, ``--requests`` chat completions of exactly ``--max-tokens`` tokens (random
+weights at temperature 1 almost never sample the end token, and each request has its own seed; requests that end
+early are counted and their tokens are what is counted): completion tokens/s, requests/s, p50/p99 latency.
+Then
+  - ``batching_gain``: tokens/s at the highest concurrency with the app's batching (``--max-batch-size``) divided
+    by the same with ``max_batch_size=1`` (one sequence decoded at a time per replica);
+  - ``overhead_ms``: median latency at concurrency 1 through HTTP + Serve minus the median of calling
+    ``Engine.complete`` directly in this process, same model, prompts, seeds and torch threads;
+  - ``failed_requests``: non-200 answers or transport errors over all runs (must be 0).
+Each level stops issuing requests after ``--level-seconds``. Progress goes to stderr; the result is printed as
+JSON on stdout (with ``--json`` as one last line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = (
+    "river garden morning coffee train window music letter mountain bread winter city friend story paper light "
+    "quiet market bridge question answer evening rain forest kitchen school road summer island book color"
+).split()
+
+
+def say(message: str) -> None:
+    print(f"[serve-bench] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_default_model(directory: Path) -> Path:
+    """chatforge's default model config (what `chatforge train` builds with no model named), random weights."""
+    import torch
+
+    from chatforge.config import ModelSpec
+    from chatforge.train.model import build_model, train_tokenizer
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choices(WORDS, k=rng.randint(5, 30))) for _ in range(4000)]
+    spec = ModelSpec()
+    tokenizer = train_tokenizer(texts, spec.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(spec, tokenizer)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def prompts(count: int, seed: int = 1) -> list[list[dict[str, str]]]:
+    rng = random.Random(seed)
+    return [[{"role": "user", "content": " ".join(rng.choices(WORDS, k=24))}] for _ in range(count)]
+
+
+def summarize(latencies: list[float], tokens: int, wall: float, short: int) -> dict:
+    ordered = sorted(latencies)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else None  # noqa: E731
+    return {
+        "requests": len(latencies),
+        "completion_tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1) if wall else 0.0,
+        "requests_per_s": round(len(latencies) / wall, 2) if wall else 0.0,
+        "p50_ms": round(pick(0.5), 1) if ordered else None,
+        "p99_ms": round(pick(0.99), 1) if ordered else None,
+        "ended_early": short,
+    }
+
+
+async def http_level(url: str, concurrency: int, count: int, args, failures: list) -> dict:
+    import httpx
+
+    todo = list(enumerate(prompts(count)))
+    latencies: list[float] = []
+    tokens = short = 0
+    deadline = time.monotonic() + args.level_seconds
+
+    async def one(client: httpx.AsyncClient, index: int, messages: list[dict[str, str]], measured: bool) -> None:
+        nonlocal tokens, short
+        body = {"messages": messages, "max_tokens": args.max_tokens, "temperature": 1.0, "seed": index}
+        started = time.perf_counter()
+        try:
+            response = await client.post("/v1/chat/completions", json=body)
+        except httpx.HTTPError as error:
+            failures.append(repr(error))
+            return
+        if response.status_code != 200:
+            failures.append(f"{response.status_code}: {response.text[:200]}")
+            return
+        if measured:
+            latencies.append(time.perf_counter() - started)
+            used = response.json()["usage"]["completion_tokens"]
+            tokens += used
+            short += used < args.max_tokens
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while todo and time.monotonic() < deadline:
+            index, messages = todo.pop()
+            await one(client, index, messages, measured=True)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        warm = prompts(2, seed=99)
+        await asyncio.gather(*(one(client, 10_000 + i, m, measured=False) for i, m in enumerate(warm)))
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return summarize(latencies, tokens, wall, short)
+
+
+def direct_latency(model: str, engine_spec, count: int, args) -> dict:
+    """Engine.complete called in this process, one request at a time: the baseline of ``overhead_ms``."""
+    from chatforge.serve.engine import Engine, SamplingParams
+
+    engine = Engine(model, engine_spec)
+
+    async def run() -> dict:
+        items = list(enumerate(prompts(count)))
+        for index, messages in items[:2]:  # warm-up, not measured
+            await engine.complete(engine.encode_chat(messages), SamplingParams(max_tokens=args.max_tokens, seed=index))
+        latencies, tokens, short = [], 0, 0
+        for index, messages in items:
+            params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=index)
+            started = time.perf_counter()
+            completion = await engine.complete(engine.encode_chat(messages), params)
+            latencies.append(time.perf_counter() - started)
+            tokens += completion.completion_tokens
+            short += completion.completion_tokens < args.max_tokens
+        return summarize(latencies, tokens, sum(latencies), short)
+
+    return asyncio.run(run())
+
+
+def serve_args(model: str, max_batch_size: int, args, db: str) -> dict:
+    return {
+        "variants": [
+            {
+                "name": "bench",
+                "model": model,
+                "num_cpus": args.replica_cpus,
+                "max_ongoing_requests": max(64, 2 * max(args.levels)),
+                "engine": {
+                    "max_batch_size": max_batch_size,
+                    "max_tokens_limit": max(args.max_tokens, 16),
+                    "torch_threads": args.torch_threads,
+                },
+            }
+        ],
+        "guard": {"input_policy": "off", "output_policy": "off"},
+        "feedback": {"url": f"sqlite:///{db}", "url_env": None},
+        "ingress_num_cpus": 0.25,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="exported model dir (default: build the default config, random weights)")
+    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level (at least 2x it)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--level-seconds", type=float, default=180, help="stop issuing requests of a level after")
+    parser.add_argument("--replica-cpus", type=float, default=1.0)
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", action="store_true", help="print the result as one last line of JSON")
+    args = parser.parse_args()
+    args.levels = sorted({int(c) for c in args.concurrency.split(",")})
+
+    import ray
+    from ray import serve
+
+    from chatforge.config import EngineSpec
+    from chatforge.serve.app import build_app
+
+    failures: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="chatforge-serve-bench-") as tmp:
+        model = args.model or str(build_default_model(Path(tmp) / "model"))
+        say(f"model: {model}")
+        db = str(Path(tmp) / "feedback.db")
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        result: dict = {
+            "model": args.model or "default config (random weights)",
+            "max_tokens": args.max_tokens,
+            "max_batch_size": args.max_batch_size,
+            "torch_threads": args.torch_threads,
+            "cpus": os.cpu_count(),
+            "levels": {},
+        }
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(serve_args(model, args.max_batch_size, args, db)), name="chatforge", route_prefix="/")
+            for level in args.levels:
+                count = max(args.requests, 2 * level)
+                say(f"batched, concurrency {level}: {count} requests")
+                result["levels"][str(level)] = asyncio.run(http_level(url, level, count, args, failures))
+                say(json.dumps(result["levels"][str(level)]))
+            top = max(args.levels)
+            say(f"max_batch_size=1, concurrency {top}")
+            serve.run(build_app(serve_args(model, 1, args, db)), name="chatforge", route_prefix="/")
+            unbatched = asyncio.run(http_level(url, top, max(args.requests, 2 * top), args, failures))
+            result["unbatched"] = {str(top): unbatched}
+            say(json.dumps(unbatched))
+            batched_tps = result["levels"][str(top)]["tokens_per_s"]
+            result["batching_gain"] = (
+                round(batched_tps / unbatched["tokens_per_s"], 2) if unbatched["tokens_per_s"] else None
+            )
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+        if 1 in args.levels:
+            say("direct Engine.complete, concurrency 1")
+            spec = EngineSpec(
+                max_batch_size=args.max_batch_size,
+                max_tokens_limit=max(args.max_tokens, 16),
+                torch_threads=args.torch_threads,
+            )
+            direct = direct_latency(model, spec, max(args.requests, 2), args)
+            result["direct"] = direct
+            result["overhead_ms"] = round(result["levels"]["1"]["p50_ms"] - direct["p50_ms"], 1)
+        result["failed_requests"] = len(failures)
+        result["failures_sample"] = failures[:5]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""`chatforge serve` as a user runs it: a real process with its own Ray, HTTP in, SIGTERM out."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+from test_cli_curate import chatforge
+from tests.helpers.tiny_model import save_tiny_model
+
+pytestmark = pytest.mark.integration
+
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+ENV.pop("CHATFORGE_API_KEYS", None)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_spec(tmp_path) -> str:
+    model = save_tiny_model(tmp_path / "model")
+    spec = {
+        "ray": {"num_cpus": 2},
+        "serve": {
+            "variants": [
+                {
+                    "name": "from-spec",
+                    "model": "no/such/dir",  # --model replaces it
+                    "num_cpus": 0.5,
+                    "engine": {"default_max_tokens": 8, "max_tokens_limit": 32},
+                }
+            ],
+            "feedback": {"url": f"sqlite:///{tmp_path / 'feedback.db'}", "url_env": None},
+            "ingress_num_cpus": 0.25,
+        },
+    }
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path), str(model)
+
+
+def test_serve_answers_then_stops_on_sigterm(tmp_path):
+    spec, model = write_spec(tmp_path)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatforge.cli", "serve", spec, "--model", model, "--port", str(port)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no /healthz within 180 s"
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        answer = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "from-spec", "messages": [{"role": "user", "content": "hi there"}]},
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] <= 8
+        assert (tmp_path / "feedback.db").exists()
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr[-3000:]
+        assert time.monotonic() - started < 60
+        assert "from-spec" in stderr and f"{url}/v1" in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_public_bind_without_keys_is_refused(tmp_path):
+    spec, model = write_spec(tmp_path)
+    result = chatforge("serve", spec, "--model", model, "--host", "0.0.0.0", timeout=120)
+    assert result.returncode == 2
+    assert "no API key is configured" in result.stderr
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    spec, _ = write_spec(tmp_path)
+    result = chatforge("serve", spec, timeout=120)
+    assert result.returncode == 2
+    assert "no/such/dir" in result.stderr and "config.json" in result.stderr

@@ -1,0 +1,401 @@
+"""The Serve application end to end over HTTP: the official OpenAI client, bad input, A/B, guard, feedback, metrics.
+
+One Serve app for the module on a 2-CPU Ray: two variants (alpha, beta; 50/50) of a tiny random-weights model,
+the input guard blocking, API keys from a digest file and an env var, a SQLite feedback store in a temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from tests.helpers.tiny_model import save_tiny_model
+
+from chatforge.serve.auth import key_digest
+
+pytestmark = pytest.mark.integration
+
+FILE_KEY = "sk-test-from-digest-file"
+ENV_KEY = "sk-test-from-env"
+TOXIC = "shut up you stupid fucking idiot"
+HELLO = [{"role": "user", "content": "hello, how are the gardens today?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from chatforge.serve.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    model = save_tiny_model(root / "model", n_positions=128)
+    keys_file = root / "keys.sha256"
+    keys_file.write_text(f"# test keys\n{key_digest(FILE_KEY)}  test\n")
+    os.environ["CHATFORGE_TEST_KEYS"] = ENV_KEY  # inherited by the replicas of the Ray started below
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112 (a Ray config name)
+    metrics_port, http_port = free_port(), free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    engine = {"max_batch_size": 8, "default_max_tokens": 16, "max_tokens_limit": 64}
+    variant = {"model": str(model), "weight": 50, "engine": engine, "num_cpus": 0.5, "max_ongoing_requests": 32}
+    db = root / "feedback.db"
+    args = {
+        "variants": [{"name": "alpha", **variant}, {"name": "beta", **variant}],
+        "guard": {"input_policy": "block", "output_policy": "flag"},
+        "auth": {"api_keys_env": "CHATFORGE_TEST_KEYS", "api_keys_file": str(keys_file)},
+        "feedback": {"url": f"sqlite:///{db}", "url_env": None},
+        "max_body_bytes": 1 << 20,
+        "ingress_num_cpus": 0.25,
+    }
+    serve.run(build_app(args), name="chatforge", route_prefix="/")
+    url = f"http://127.0.0.1:{http_port}"
+    with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {FILE_KEY}"}) as http:
+        yield SimpleNamespace(url=url, http=http, db=db, metrics_port=metrics_port)
+    serve.shutdown()
+    ray.shutdown()
+    os.environ.pop("CHATFORGE_TEST_KEYS", None)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{served.url}/v1", api_key=FILE_KEY, max_retries=0, timeout=120)
+
+
+def rows(db, query: str, *params) -> list[tuple]:
+    with sqlite3.connect(db) as connection:
+        return connection.execute(query, params).fetchall()
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+# ---------------------------------------------------------------- the OpenAI client
+
+
+def test_openai_client_completion_names_its_variant(client):
+    raw = client.chat.completions.with_raw_response.create(model="alpha", messages=HELLO, max_tokens=8, temperature=0)
+    completion = raw.parse()
+    assert raw.headers["x-chatforge-variant"] == "alpha" == completion.model
+    assert completion.id.startswith("chatcmpl-") and completion.object == "chat.completion"
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    usage = completion.usage
+    assert usage.prompt_tokens > 5 and 1 <= usage.completion_tokens <= 8
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    again = client.chat.completions.create(model="alpha", messages=HELLO, max_tokens=8, temperature=0)
+    assert again.choices[0].message.content == choice.message.content  # greedy is deterministic
+    assert again.id != completion.id
+
+
+def test_openai_client_streaming_matches_the_plain_answer(client, served):
+    kwargs = {"model": "beta", "messages": HELLO, "max_tokens": 12, "temperature": 0}
+    plain = client.chat.completions.create(**kwargs)
+    stream = client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" and c.model == "beta" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == plain.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [plain.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    # the wire format: SSE events, the last one [DONE]; the completion is stored by then
+    with served.http.stream("POST", "/v1/chat/completions", json={**kwargs, "stream": True}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    stream_id = json.loads(events[0][6:])["id"]
+    assert rows(served.db, "SELECT stream, variant FROM completions WHERE id = ?", stream_id) == [(1, "beta")]
+
+
+def test_logprobs(client):
+    completion = client.chat.completions.create(
+        model="alpha", messages=HELLO, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = completion.choices[0].logprobs.content
+    assert len(content) == completion.usage.completion_tokens
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+        values = [alt.logprob for alt in item.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert abs(item.logprob - values[0]) < 1e-4  # greedy picks the most likely token
+    plain = client.chat.completions.create(model="alpha", messages=HELLO, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_models_list(client):
+    assert sorted(m.id for m in client.models.list()) == ["alpha", "beta"]
+
+
+def test_stop_sequence_and_max_completion_tokens(served):
+    base = {"model": "alpha", "messages": HELLO, "temperature": 0}
+    full = served.http.post("/v1/chat/completions", json={**base, "max_completion_tokens": 20}).json()
+    text = full["choices"][0]["message"]["content"]
+    assert full["usage"]["completion_tokens"] <= 20
+    if len(text) > 4:
+        stop = text[2:4]
+        cut = served.http.post("/v1/chat/completions", json={**base, "max_tokens": 20, "stop": [stop]}).json()
+        assert cut["choices"][0]["message"]["content"] == text[: text.index(stop)]
+        assert cut["choices"][0]["finish_reason"] == "stop"
+
+
+# ---------------------------------------------------------------- feedback
+
+
+def test_feedback_is_stored_and_joins_its_scrubbed_completion(served):
+    messages = [{"role": "user", "content": "write to me at jane.doe@example.com about the roses"}]
+    completion = served.http.post("/v1/chat/completions", json={"messages": messages, "user": "u-feedback"}).json()
+    cid = completion["id"]
+    posted = served.http.post(
+        "/v1/feedback", json={"completion_id": cid, "rating": -1, "correction": "Roses need sun.", "comment": "meh"}
+    )
+    assert posted.status_code == 200, posted.text
+    assert posted.json()["completion_id"] == cid
+    joined = rows(
+        served.db,
+        "SELECT c.variant, c.user, c.prompt, c.guard, c.completion_tokens, f.rating, f.correction, f.comment "
+        "FROM completions c JOIN feedback f ON f.completion_id = c.id WHERE c.id = ?",
+        cid,
+    )
+    assert len(joined) == 1
+    variant, user, prompt, guard, tokens, rating, correction, comment = joined[0]
+    assert variant == completion["model"] and user == "u-feedback" and guard in ("pass", "flagged")
+    assert tokens == completion["usage"]["completion_tokens"]
+    assert (rating, correction, comment) == (-1, "Roses need sun.", "meh")
+    assert "jane.doe@example.com" not in prompt and "roses" in prompt
+
+    unknown = served.http.post("/v1/feedback", json={"completion_id": "chatcmpl-nope", "rating": 1})
+    assert unknown.status_code == 404 and error_of(unknown)["param"] == "completion_id"
+    bad = served.http.post("/v1/feedback", json={"completion_id": cid, "rating": 5})
+    assert bad.status_code == 400 and error_of(bad)["param"] == "rating"
+
+
+# ---------------------------------------------------------------- auth
+
+
+def test_api_keys(served):
+    anonymous = httpx.post(f"{served.url}/v1/chat/completions", json={"messages": HELLO}, timeout=30)
+    assert anonymous.status_code == 401 and error_of(anonymous)["type"] == "authentication_error"
+    for header in ("Bearer sk-wrong", "Basic " + FILE_KEY, FILE_KEY):
+        wrong = httpx.get(f"{served.url}/v1/models", headers={"Authorization": header}, timeout=30)
+        assert wrong.status_code == 401, header
+    assert httpx.post(f"{served.url}/v1/feedback", json={"completion_id": "x", "rating": 1}).status_code == 401
+    from_env = httpx.get(f"{served.url}/v1/models", headers={"Authorization": f"Bearer {ENV_KEY}"}, timeout=30)
+    assert from_env.status_code == 200
+    assert httpx.get(f"{served.url}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_openai_client_with_a_wrong_key(served):
+    from openai import AuthenticationError, OpenAI
+
+    bad = OpenAI(base_url=f"{served.url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(AuthenticationError):
+        bad.chat.completions.create(model="alpha", messages=HELLO)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def post_raw(served, content: bytes | str) -> httpx.Response:
+    return served.http.post("/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ('{"messages": [', None),
+        ("[1, 2]", None),
+        ({"messages": "hello"}, "messages"),
+        ({"messages": []}, "messages"),
+        ({}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": 7}]}, "messages.0.content"),
+        ({"messages": HELLO, "temperature": "hot"}, "temperature"),
+        ({"messages": HELLO, "temperature": 2.5}, "temperature"),
+        ({"messages": HELLO, "top_p": 0}, "top_p"),
+        ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
+        ({"messages": HELLO, "max_tokens": 100_000}, "max_tokens"),
+        ({"messages": HELLO, "max_tokens": "ten"}, "max_tokens"),
+        ({"messages": HELLO, "max_completion_tokens": 65}, "max_completion_tokens"),
+        ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": HELLO, "n": 2}, "n"),
+        ({"messages": HELLO, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"messages": HELLO, "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": HELLO, "stream": "yes"}, "stream"),
+        ({"messages": HELLO, "seed": -1}, "seed"),
+        ({"messages": [{"role": "user", "content": "nul\u0000byte"}]}, "messages.0.content"),
+    ],
+)
+def test_bad_requests_get_openai_errors_naming_the_field(served, body, param):
+    response = post_raw(served, body if isinstance(body, str) else json.dumps(body))
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    if param:
+        assert param in error["message"]
+
+
+def test_unknown_model_is_404(served):
+    response = served.http.post("/v1/chat/completions", json={"model": "gpt-9", "messages": HELLO})
+    assert response.status_code == 404
+    error = error_of(response)
+    assert error["param"] == "model" and "alpha" in error["message"]
+
+
+def test_prompt_over_the_context_window(served):
+    long = " ".join(f"garden{i} river{i}" for i in range(300))
+    response = served.http.post(
+        "/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": long}]}
+    )
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == "messages" and error["code"] == "context_length_exceeded"
+    assert "128 tokens" in error["message"]
+    streamed = served.http.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": long}], "stream": True}
+    )
+    assert streamed.status_code == 400 and error_of(streamed)["param"] == "messages"
+
+
+def test_body_over_the_limit_is_413(served):
+    huge = json.dumps({"messages": [{"role": "user", "content": "x" * (2 << 20)}]})
+    response = post_raw(served, huge)
+    assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
+
+
+def test_unknown_route_and_method(served):
+    assert error_of(served.http.get("/v1/nothing"))["type"] == "not_found_error"
+    assert served.http.get("/v1/chat/completions").status_code == 405
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+text_parts = st.lists(
+    st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": st.text(max_size=20)}), max_size=2
+)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["system", "user", "assistant", "tool", "Robot"]) | json_values,
+            "content": st.text(max_size=60) | text_parts | json_values,
+        }
+    ),
+    max_size=3,
+)
+request_bodies = st.fixed_dictionaries(
+    {"messages": messages | json_values},
+    optional={
+        "model": st.sampled_from(["alpha", "beta", "auto", "nope"]) | json_values,
+        "max_tokens": st.integers(-3, 80) | json_values,
+        "temperature": st.floats(-1, 3) | json_values,
+        "top_p": st.floats(-0.5, 1.5) | json_values,
+        "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=5) | json_values,
+        "seed": st.integers(-5, 2**64) | json_values,
+        "logprobs": st.booleans() | json_values,
+        "top_logprobs": st.integers(-1, 22) | json_values,
+        "stream": st.booleans(),
+        "n": st.integers(0, 2),
+        "user": st.text(max_size=10) | json_values,
+        "frequency_penalty": json_values,
+    },
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=request_bodies | json_values)
+def test_fuzzed_requests_never_get_a_5xx(served, body):
+    response = post_raw(served, json.dumps(body))
+    event(f"status {response.status_code}")
+    assert response.status_code < 500, (body, response.text)
+    if response.status_code >= 400:
+        assert error_of(response)["message"]
+    elif body.get("stream") is True:
+        assert response.text.rstrip().endswith("data: [DONE]")
+    else:
+        assert response.json()["object"] == "chat.completion"
+
+
+# ---------------------------------------------------------------- A/B
+
+
+def test_ab_split_is_sticky_per_user_and_named(served):
+    seen = {}
+    for i in range(16):
+        user = f"user-{i}"
+        variants = set()
+        for _ in range(2):
+            response = served.http.post("/v1/chat/completions", json={"messages": HELLO, "user": user, "max_tokens": 2})
+            assert response.status_code == 200
+            assert response.headers["x-chatforge-variant"] == response.json()["model"]
+            variants.add(response.json()["model"])
+        assert len(variants) == 1, user
+        seen[user] = variants.pop()
+    assert set(seen.values()) == {"alpha", "beta"}
+    # the API key is the sticky key when no user is given
+    by_key = {served.http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}).json()["model"]}
+    by_key.add(served.http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}).json()["model"])
+    assert len(by_key) == 1
+
+
+# ---------------------------------------------------------------- guard and metrics
+
+
+def test_toxic_prompt_is_refused_and_counted(served, client):
+    messages = [{"role": "user", "content": TOXIC}]
+    completion = client.chat.completions.create(model="alpha", messages=messages)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "content_filter" and "can't help" in choice.message.content
+    stored = rows(served.db, "SELECT guard, guard_score, answer FROM completions WHERE id = ?", completion.id)
+    assert stored[0][0] == "blocked" and stored[0][1] >= 0.8
+    chunks = list(client.chat.completions.create(model="alpha", messages=messages, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+
+
+def test_metrics_are_exported(served, client):
+    client.chat.completions.create(model="beta", messages=HELLO, max_tokens=4)
+    client.chat.completions.create(model="beta", messages=[{"role": "user", "content": TOXIC}])
+    served.http.post("/v1/chat/completions", json={"messages": []})
+    wanted = [
+        "ray_chatforge_requests_total{",
+        "ray_chatforge_tokens_total{",
+        "ray_chatforge_request_latency_seconds_bucket{",
+        "ray_chatforge_batch_size_bucket{",
+        "ray_chatforge_guard_blocks_total{",
+    ]
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, f"not exported: {missing}"
+    lines = [line for line in text.splitlines() if line.startswith("ray_chatforge_")]
+    assert any('status="400"' in line for line in lines if line.startswith("ray_chatforge_requests_total"))
+    blocks = [line for line in lines if line.startswith("ray_chatforge_guard_blocks_total")]
+    assert any('where="input"' in line and float(line.rsplit(" ", 1)[1]) >= 1 for line in blocks)
