@@ -212,38 +212,13 @@ def _added_token_ids(spec: Spec, tokenizer) -> list[int]:
     return sorted(i for i in tokenizer.get_added_vocab().values() if i >= vocab_size)
 
 
-def presplit_data_config():
-    """A `DataConfig` that cuts the (already materialized) train set into equal per-worker shards up front.
-
-    Ray's default, `streaming_split`, routes every batch of every worker through a coordinator actor, which suits a
-    dataset still being computed; ours is packed and materialized before training, so each worker can read its own
-    blocks directly and no actor sits between the loop and its data (on a 2-core machine the coordinators took
-    ~6% CPU each beside the workers). Other datasets (val) go to every worker whole.
-    """
-    from ray.train import DataConfig
-
-    class PresplitDataConfig(DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            output = [{} for _ in range(world_size)]
-            for name, ds in datasets.items():
-                if name == "train":
-                    for rank, shard in enumerate(ds.split(world_size, equal=True)):
-                        output[rank][name] = shard.iterator()
-                else:
-                    for rank in range(world_size):
-                        output[rank][name] = ds.iterator()
-            return output
-
-    return PresplitDataConfig(datasets_to_split=["train"])
-
-
 def run_training(spec: Spec, fault_at_step: int | None = None, progress=None) -> TrainingResult:
     """Train per ``spec`` into ``spec.train.output``; Ray must already be initialised.
 
     ``fault_at_step`` kills one worker process at that step on the first attempt (to exercise resume in tests).
     """
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     say = progress or (lambda message: None)
@@ -288,7 +263,7 @@ def run_training(spec: Spec, fault_at_step: int | None = None, progress=None) ->
             failure_config=FailureConfig(max_failures=scaling.max_failures),
         ),
         datasets={"train": train_ds, "val": val_ds},
-        dataset_config=presplit_data_config(),
+        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     say(f"training on {scaling.num_workers} workers (ZeRO-{spec.deepspeed.zero_stage}, {spec.method})")
     context = ray.data.DataContext.get_current()
