@@ -129,6 +129,24 @@ def test_openai_client_streaming_matches_the_plain_answer(client, served):
     assert rows(served.db, "SELECT stream, variant FROM completions WHERE id = ?", stream_id) == [(1, "beta")]
 
 
+def test_a_client_leaving_mid_stream_is_recorded_and_the_replica_keeps_serving(served, client):
+    body = {"model": "alpha", "messages": HELLO, "max_tokens": 64, "temperature": 1.0, "seed": 7, "stream": True}
+    with served.http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        first = json.loads(next(line for line in lines if line.startswith("data: "))[len("data: ") :])
+    # the connection is closed after the first chunk; the ingress stores what was sent and cancels the sequence
+    deadline = time.monotonic() + 60
+    while not (
+        stored := rows(served.db, "SELECT stream, completion_tokens FROM completions WHERE id = ?", first["id"])
+    ):
+        assert time.monotonic() < deadline, "the abandoned stream was never recorded"
+        time.sleep(0.5)
+    assert stored[0][0] == 1 and stored[0][1] < 64
+    after = client.chat.completions.create(model="alpha", messages=HELLO, max_tokens=4, temperature=0)
+    assert after.choices[0].finish_reason in ("stop", "length")
+
+
 def test_logprobs(client):
     completion = client.chat.completions.create(
         model="alpha", messages=HELLO, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
