@@ -255,7 +255,7 @@ def check_table(results: list[dict]) -> Table:
     for column in ("variant", "answer", "finish", "tokens", "feedback stored"):
         table.add_column(column)
     for r in results:
-        table.add_row(r["variant"], r["answer"][:80], r["finish_reason"], str(r["tokens"]), json.dumps(r["feedback"]))
+        table.add_row(r["variant"], r["answer"][:80], r["finish_reason"], str(r["tokens"]), f"#{r['feedback']['id']}")
     return table
 
 

@@ -101,3 +101,21 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
     result = chatforge("serve", spec, timeout=120)
     assert result.returncode == 2
     assert "no/such/dir" in result.stderr and "config.json" in result.stderr
+
+
+def test_serve_check_asks_rates_and_stops(tmp_path):
+    import sqlite3
+
+    spec, model = write_spec(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "chatforge.cli", "serve", spec, "--model", model, "--port", str(free_port()), "--check"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "each answer rated +1" in result.stderr and "from-spec" in result.stderr
+    with sqlite3.connect(tmp_path / "feedback.db") as db:
+        joined = db.execute("SELECT c.variant, f.rating FROM completions c JOIN feedback f ON f.completion_id = c.id")
+        assert joined.fetchall() == [("from-spec", 1)]
