@@ -72,7 +72,12 @@ def run_ray(corpus: str, output: str, num_cpus: int) -> dict:
     if not lines:
         raise SystemExit(f"chatforge curate printed no manifest at num_cpus={num_cpus}:\n{stdout[-2000:]}")
     manifest = json.loads(lines[-1])
-    return {"manifest": manifest, "wall_s": time.perf_counter() - started, "peak_pss_mb": peak.peak / 2**20}
+    return {
+        "manifest": manifest,
+        "wall_s": time.perf_counter() - started,
+        "peak_pss_mb": peak.peak / 2**20,
+        "peak_by_process_mb": peak.peak_by_process,
+    }
 
 
 class PeakMemory:
@@ -80,6 +85,7 @@ class PeakMemory:
 
     def __init__(self, pid: int, interval: float = 0.25):
         self.peak = 0
+        self.peak_by_process: dict[str, float] = {}  # MB per process title (e.g. "gcs_server", "ray::IDLE") at the peak
         self._root = psutil.Process(pid)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
@@ -87,15 +93,22 @@ class PeakMemory:
 
     def _sample(self, interval: float) -> None:
         while not self._done.is_set():
-            total = 0
+            total, by_process = 0, {}
             try:
                 procs = [self._root, *self._root.children(recursive=True)]
             except psutil.Error:
                 return
             for proc in procs:
                 with contextlib.suppress(psutil.Error):  # a worker may exit between listing and reading
-                    total += proc.memory_full_info().pss
-            self.peak = max(self.peak, total)
+                    pss = proc.memory_full_info().pss
+                    total += pss
+                    title = (proc.cmdline() or [proc.name()])[0].rsplit("/", 1)[-1][:40]
+                    by_process[title] = by_process.get(title, 0) + pss
+            if total > self.peak:
+                self.peak = total
+                self.peak_by_process = {
+                    k: round(v / 2**20, 1) for k, v in sorted(by_process.items(), key=lambda kv: -kv[1])
+                }
             self._done.wait(interval)
 
     def stop(self) -> None:
@@ -229,6 +242,8 @@ def main() -> None:
             log(f"ray 4x: {ray4['manifest']['wall_seconds']:.1f}s pipeline, peak {ray4['peak_pss_mb']:.0f} MB")
             result["peak_pss_mb_4x"] = round(ray4["peak_pss_mb"], 1)
             result["peak_memory_growth_4x"] = round(ray4["peak_pss_mb"] / ray2["peak_pss_mb"], 3)
+            result["peak_by_process_mb_1x"] = ray2["peak_by_process_mb"]
+            result["peak_by_process_mb_4x"] = ray4["peak_by_process_mb"]
             result["ray_conversations_per_s_4x"] = round(4 * args.n / ray4["manifest"]["wall_seconds"], 1)
     print(json.dumps(result))
 
