@@ -173,6 +173,8 @@ def test_stream_concatenates_to_complete(engine):
     assert chunks[-1].finish_reason == complete.finish_reason
     assert [lp for c in chunks for lp in c.logprobs] == list(complete.logprobs)
     assert len(chunks) > 3  # streamed piece by piece, not in one go
+    counts = [c.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == complete.completion_tokens  # a running token count
 
 
 def test_cancelled_stream_leaves_the_batch(engine):

@@ -66,6 +66,7 @@ class Chunk:
     text: str  # new text since the previous chunk (held back while it may be a stop prefix)
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: str | None = None  # "stop" | "length" on the last chunk, else None
+    completion_tokens: int = 0  # tokens generated so far, this chunk's included (the stop token counts)
 
 
 @dataclass(frozen=True)
@@ -379,7 +380,7 @@ class Engine:
         seq.sent = max(seq.sent, len(text))
         if not new and finish is None:
             return None
-        chunk = Chunk(new, tuple(seq.pending), finish)
+        chunk = Chunk(new, tuple(seq.pending), finish, len(seq.generated))
         seq.pending.clear()
         seq.done = finish is not None
         return chunk

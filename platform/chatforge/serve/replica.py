@@ -6,14 +6,13 @@ the context window itself, so the ingress needs no tokenizer.
 """
 
 import asyncio
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
 
 from chatforge.config import VariantSpec
-from chatforge.serve.engine import Chunk, Completion, SamplingParams
+from chatforge.serve.engine import Completion, SamplingParams
 
 # ---------------------------------------------------------------- what the ingress and a replica exchange
 
@@ -183,23 +182,21 @@ class ModelReplica:
         return result
 
     async def stream(self, request: GenerationRequest):
-        """Accepted | Rejected, then Chunks, then Finished. Logprobs are always computed (the engine attaches one
-        per generated token, which makes them an exact token count) and passed on only when asked for."""
+        """Accepted | Rejected, then Chunks, then Finished."""
         prepared = await self._prepare(request)
         if isinstance(prepared, Rejected):
             yield prepared
             return
-        prompt_ids, asked = prepared
+        prompt_ids, params = prepared
         yield Accepted(len(prompt_ids))
-        params = dataclasses.replace(asked, logprobs=True)
         tokens = 0
         try:
             async for chunks in self._stream_batch((request.request_id, prompt_ids, params)):
                 for chunk in chunks:
                     if isinstance(chunk, BaseException):
                         raise chunk
-                    tokens += len(chunk.logprobs)
-                    yield chunk if asked.logprobs else Chunk(chunk.text, (), chunk.finish_reason)
+                    tokens = chunk.completion_tokens
+                    yield chunk
         finally:
             self._cancel(request.request_id)
         yield Finished(tokens)
