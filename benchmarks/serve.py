@@ -25,11 +25,14 @@ import asyncio
 import json
 import os
 import random
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from helpers.network import free_port  # noqa: E402
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -43,12 +46,6 @@ WORDS = (
 
 def say(message: str) -> None:
     print(f"[serve-bench] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build_default_model(directory: Path) -> Path:

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,18 +10,14 @@ import httpx
 import pytest
 import yaml
 from test_cli_curate import chatforge
-from tests.helpers.tiny_model import save_tiny_model
+
+from helpers.network import free_port
+from helpers.tiny_model import save_tiny_model
 
 pytestmark = pytest.mark.integration
 
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 ENV.pop("CHATFORGE_API_KEYS", None)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_spec(tmp_path) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import time
 from types import SimpleNamespace
@@ -17,9 +16,10 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from tests.helpers.tiny_model import save_tiny_model
 
 from chatforge.serve.auth import key_digest
+from helpers.network import free_port
+from helpers.tiny_model import save_tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -27,12 +27,6 @@ FILE_KEY = "sk-test-from-digest-file"
 ENV_KEY = "sk-test-from-env"
 TOXIC = "shut up you stupid fucking idiot"
 HELLO = [{"role": "user", "content": "hello, how are the gardens today?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import httpx
 import pytest
-from tests.helpers.tiny_model import save_tiny_model
+
+from helpers.network import free_port
+from helpers.tiny_model import save_tiny_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def running_replicas() -> int:
