@@ -11,7 +11,10 @@ from ray.util.metrics import Counter, Gauge, Histogram
 
 # LLM request latency spans a cached short answer (~10 ms) to a long generation on CPU (a minute).
 LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0]
-BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+# Ray exports a histogram's `_sum` from bucket midpoints, not the observed values (a size-1 batch in the bucket
+# (0, 1] would count as 0.5). Half-integer edges put the midpoints of the small buckets on the sizes themselves, so
+# `_sum / _count` is the true mean batch size up to 4 and close above.
+BATCH_BOUNDARIES = [0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 24.5, 32.5, 48.5, 64.5]
 
 
 class ServeMetrics:
