@@ -143,18 +143,28 @@ def test_pretrained_local_model_and_mixing(ray_local, tmp_path, data_dir):
     generates(tmp_path / "out" / "model")
 
 
-def test_early_stopping(ray_local, tmp_path, data_dir):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_early_stopping_exports_the_best_weights(ray_local, tmp_path, data_dir, stage):
     result, rows = train(
         tmp_path,
         data_dir,
-        "train.lr=0.00000001",
+        f"deepspeed.zero_stage={stage}",
+        "train.lr=0.01",
         "train.warmup_steps=0",
+        "train.schedule=constant",
         "train.max_steps=40",
         "train.eval_every=2",
         "train.early_stopping_patience=2",
-        "train.early_stopping_min_delta=0.01",
+        "train.early_stopping_min_delta=1000",  # only the first eval (vs infinity) counts as an improvement
     )
     final = result.summary["final_metrics"]
     assert final["stopped_early"] is True
-    assert final["step"] == 6  # eval at 2 sets the best; 4 and 6 do not beat it by min_delta
+    assert final["step"] == 6 and final["best_step"] == 2 and final["exported_step"] == 2
     assert torch.isfinite(torch.tensor(final["eval_loss"]))
+    norms = {row["step"]: row["weight_norm"] for row in rows if "weight_norm" in row}
+    assert sorted(norms) == [2, 4, 6]
+    assert abs(norms[6] - norms[2]) > 1e-3 * norms[2]  # the weights did move after the best eval
+
+    _, model = generates(tmp_path / "out" / "model")
+    exported = sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()) ** 0.5
+    assert exported == pytest.approx(norms[2], rel=1e-6)  # the step-2 weights went out, not the step-6 ones

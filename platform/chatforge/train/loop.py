@@ -46,6 +46,7 @@ class LoopState:
     epoch: int = 0
     micro_batches_in_epoch: int = 0  # data position: micro-batches of the current epoch already consumed
     best_eval_loss: float = math.inf
+    best_step: int = 0  # the step of best_eval_loss (its weights are what is exported)
     evals_without_improvement: int = 0
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -146,6 +147,40 @@ def _grad_norm(module: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+def _trainable(engine, stage: int) -> list[torch.Tensor]:
+    """This rank's storage of the trainable weights: whole parameters, or under ZeRO-3 the rank's partitions plus
+    the whole tensors of the small parameters ZeRO-3 keeps unpartitioned on every rank (``ds_persist``; a gather
+    reads those, not their partitions)."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    if stage != 3:
+        return [p.data for p in params]
+    return [p.ds_tensor for p in params] + [p.data for p in params if getattr(p, "ds_persist", False)]
+
+
+def weight_norm(engine, stage: int, device) -> float:
+    """L2 norm of the trainable weights (ZeRO-3: the ranks' partitions summed across ranks)."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    tensors = [p.ds_tensor for p in params] if stage == 3 else [p.data for p in params]  # partitions are zero-padded
+    squares = sum(float(t.detach().double().pow(2).sum()) for t in tensors)
+    return math.sqrt(_allreduce_sum([squares], device)[0] if stage == 3 else squares)
+
+
+def snapshot(engine, stage: int, rank: int) -> list[torch.Tensor] | None:
+    """A CPU copy of the trainable weights this rank exports from: rank 0 under ZeRO 0-2 (every rank holds them
+    whole), each rank's partitions under ZeRO-3 (the export gathers them). For LoRA, only the adapters."""
+    if stage != 3 and rank != 0:
+        return None
+    return [t.detach().to("cpu", copy=True) for t in _trainable(engine, stage)]
+
+
+def restore_snapshot(engine, stage: int, saved: list[torch.Tensor] | None) -> None:
+    if saved is None:
+        return
+    with torch.no_grad():
+        for target, value in zip(_trainable(engine, stage), saved, strict=True):
+            target.copy_(value.to(target.device))
+
+
 def _mfu(tokens_per_s: float, params: int, world: int) -> float | None:
     if not torch.cuda.is_available():
         return None
@@ -189,10 +224,14 @@ def _restore(engine, state: LoopState) -> LoopState:
     return restored
 
 
-def _export(engine, spec: Spec, tokenizer, rank: int, stage: int, directory: str) -> None:
-    """Gather the full weights (ZeRO-3 shards included) and write a Hugging Face model dir on rank 0 (safetensors)."""
+def _export(engine, spec: Spec, tokenizer, rank: int, stage: int, best, directory: str) -> None:
+    """Gather the full weights (ZeRO-3 shards included) and write a Hugging Face model dir on rank 0 (safetensors).
+
+    ``best``: the snapshot of the best evaluation's weights, put back first (after the last DeepSpeed checkpoint
+    was written, so that checkpoint stays the consistent state of the last step)."""
     import deepspeed
 
+    restore_snapshot(engine, stage, best)
     module = engine.module
     gather = deepspeed.zero.GatheredParameters(list(module.parameters())) if stage == 3 else nullcontext()
     with gather:
@@ -248,8 +287,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fault_at = config.get("fault_at_step")
     resumed = state.step > 0
 
-    stage0_grad_norm = spec.deepspeed.zero_stage == 0
+    stage = spec.deepspeed.zero_stage
+    stage0_grad_norm = stage == 0
     last_grad_norm = None
+    best_weights = None  # the snapshot at state.best_step; lost with the process on a restart
     engine.train()
     window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     while state.step < loop.max_steps and not state.stopped_early:
@@ -291,10 +332,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         if state.step % loop.eval_every == 0 or last:
             evaluation = {"step": state.step, **evaluate(engine, val_batches, config["domains"], device)}
+            evaluation["weight_norm"] = weight_norm(engine, stage, device)
             state.history.append(evaluation)
             metrics = {**metrics, **evaluation}
             if evaluation["eval_loss"] < state.best_eval_loss - loop.early_stopping_min_delta:
-                state.best_eval_loss, state.evals_without_improvement = evaluation["eval_loss"], 0
+                state.best_eval_loss, state.best_step, state.evals_without_improvement = (
+                    evaluation["eval_loss"],
+                    state.step,
+                    0,
+                )
+                if loop.early_stopping_patience and not last:
+                    best_weights = snapshot(engine, stage, rank)
             else:
                 state.evals_without_improvement += 1
             patience = loop.early_stopping_patience
@@ -306,6 +354,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elif metrics:
             ray.train.report(metrics)
 
+    # Export the best evaluation's weights when early stopping is on and training went past them. After a restart
+    # that snapshot is gone unless the best came later: then the last weights go out, and the summary says so.
+    exported_step = state.best_step if best_weights is not None and state.best_step != state.step else state.step
+    if exported_step == state.step:
+        best_weights = None
     last_log = next(row for row in reversed(state.history) if "loss" in row)
     last_eval = next(row for row in reversed(state.history) if "eval_loss" in row)
     final = {
@@ -314,15 +367,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "step": state.step,
         "stopped_early": state.stopped_early,
         "best_eval_loss": state.best_eval_loss,
+        "best_step": state.best_step,
+        "exported_step": exported_step,
         "trainable_params": trainable,
         "total_params": total,
     }
-    stage = spec.deepspeed.zero_stage
     _save(
         engine,
         state,
         rank,
         final,
         lora=spec.method == "lora",
-        export=partial(_export, engine, spec, tokenizer, rank, stage),
+        export=partial(_export, engine, spec, tokenizer, rank, stage, best_weights),
     )
