@@ -440,6 +440,23 @@ def no_duplicates(table: pa.Table) -> pa.Table:
 # ---------------------------------------------------------------- the step
 
 
+def read_staged_files(batch: pa.Table, columns: list[str]) -> pa.Table:
+    """The given columns of the staged Parquet files named in ``batch["path"]``."""
+    return pa.concat_tables(pq.read_table(path, columns=columns) for path in batch["path"].to_pylist())
+
+
+def read_staged(paths: list[str], columns: list[str]) -> Dataset:
+    """Dedup's own staged files back as a Dataset, one read task per file.
+
+    Not ``read_parquet``: its listing and footer-sampling operators run as tasks of their own, and on the 4x
+    benchmark input they were the largest processes at the peak (docs/benchmarks.md). These files are ours, their
+    paths and schema known, so plain map tasks read them (and fuse with what follows)."""
+    items = ray.data.from_items([{"path": path} for path in paths], override_num_blocks=len(paths))
+    return items.map_batches(
+        functools.partial(read_staged_files, columns=columns), batch_size=1, batch_format="pyarrow"
+    )
+
+
 def default_num_partitions() -> int:
     return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
@@ -466,16 +483,15 @@ class DedupStep:
         if not files:
             return ds.map_batches(no_duplicates, batch_format="pyarrow")
         row_columns = [name for name in pq.read_schema(os.path.join(staged, files[0])).names if name not in (HASH, SIG)]
-        marks = self._marks(ray.data.read_parquet(staged, columns=[ROW, HASH, SIG]), spec)
+        paths = [os.path.join(staged, name) for name in files]
+        marks = self._marks(read_staged(paths, [ROW, HASH, SIG]), spec)
         mark_blocks = [
             entry.ref
             for bundle in marks.materialize().iter_internal_ref_bundles()
             for entry in bundle.blocks
             if entry.metadata.num_rows
         ]
-        return ray.data.read_parquet(staged, columns=row_columns).map_batches(
-            ApplyMarks(mark_blocks), batch_format="pyarrow"
-        )
+        return read_staged(paths, row_columns).map_batches(ApplyMarks(mark_blocks), batch_format="pyarrow")
 
     @staticmethod
     def _marks(keys: Dataset, spec: DedupSpec) -> Dataset:
