@@ -134,13 +134,17 @@ def scrape(metrics_url: str) -> dict[tuple[str, tuple], float]:
     return values
 
 
-def series(scrapes: list[tuple[float, dict]], name: str, group: str | None = None) -> dict[str, list[float]]:
-    """Per value of the label ``group``: a metric's value summed over the other labels, at every scrape."""
+def series(
+    scrapes: list[tuple[float, dict]], name: str, group: str | None = None, where: dict[str, str] | None = None
+) -> dict[str, list[float]]:
+    """Per value of the label ``group``: a metric's value summed over the other labels, at every scrape; only the
+    samples whose labels include ``where``."""
     out: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(scrapes))
     for i, (_t, values) in enumerate(scrapes):
         for (sample, labels), value in values.items():
-            if sample == name:
-                out[dict(labels).get(group, "all") if group else "all"][i] += value
+            tags = dict(labels)
+            if sample == name and all(tags.get(k) == v for k, v in (where or {}).items()):
+                out[tags.get(group, "all") if group else "all"][i] += value
     return dict(out)
 
 
@@ -210,7 +214,7 @@ def plot(scrapes: list[tuple[float, dict]], phases: list[tuple[str, float, float
     )
     tokens = {
         k: rates(t, v)
-        for k, v in _split(scrapes, "ray_chatforge_tokens_total", "variant", "kind", "completion").items()
+        for k, v in series(scrapes, "ray_chatforge_tokens_total", "variant", {"kind": "completion"}).items()
     }
     lines(panels[1], tokens, "completion tokens per variant (ray_chatforge_tokens_total)", "tokens/s")
     lines(
@@ -241,17 +245,6 @@ def plot(scrapes: list[tuple[float, dict]], phases: list[tuple[str, float, float
     fig.suptitle("chatforge serving metrics, scraped from Ray's metrics export every 2 s", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-
-
-def _split(scrapes, name: str, group: str, label: str, value: str) -> dict[str, list[float]]:
-    """Like ``series`` grouped by ``group``, counting only samples whose ``label`` equals ``value``."""
-    out: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(scrapes))
-    for i, (_t, values) in enumerate(scrapes):
-        for (sample, labels), amount in values.items():
-            tags = dict(labels)
-            if sample == name and tags.get(label) == value:
-                out[tags.get(group, "all")][i] += amount
-    return dict(out)
 
 
 # ---------------------------------------------------------------- the dashboard
@@ -312,7 +305,7 @@ def main() -> None:
     thread = threading.Thread(target=scraper, daemon=True)
     thread.start()
     stats: dict[int, int] = defaultdict(int)
-    phases, note = [], None
+    phases = []
     result: dict[str, str | None] = {}  # the screenshot's note, set by the timer thread
     shot = out / "ray-dashboard-serve.png"
     for name, clients, seconds in PHASES:
@@ -327,7 +320,6 @@ def main() -> None:
         asyncio.run(drive(f"http://127.0.0.1:{http_port}", time.monotonic() + seconds, clients, stats))
         if name == "busy":
             timer.join()
-            note = result.get("note")
         phases.append((name, begin, time.time()))
     done.set()
     thread.join()
@@ -336,6 +328,7 @@ def main() -> None:
     metrics_png = out / "serving-metrics.png"
     plot(scrapes, phases, metrics_png)
     say(f"requests by HTTP status: {dict(stats)}")
+    note = result.get("note")
     report = {"metrics_plot": str(metrics_png), "dashboard": None if note else str(shot), "note": note,
               "scrapes": len(scrapes), "statuses": dict(stats)}  # fmt: skip
     print(json.dumps(report))

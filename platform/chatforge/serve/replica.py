@@ -62,8 +62,6 @@ class _OverlappingBatchesAreMeant(logging.Filter):
         return "max_concurrent_batches" not in record.getMessage()
 
 
-
-
 @serve.deployment
 class ModelReplica:
     """One variant's model in one replica: ``@serve.batch`` gathers concurrent calls into the continuous-batching

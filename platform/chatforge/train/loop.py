@@ -147,21 +147,22 @@ def _grad_norm(module: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-def _trainable(engine, stage: int) -> list[torch.Tensor]:
-    """This rank's storage of the trainable weights: whole parameters, or under ZeRO-3 the rank's partitions plus
-    the whole tensors of the small parameters ZeRO-3 keeps unpartitioned on every rank (``ds_persist``; a gather
-    reads those, not their partitions)."""
+def _rank_weights(engine, stage: int) -> list[torch.Tensor]:
+    """This rank's storage of the trainable weights: whole parameters, or under ZeRO-3 its (zero-padded) partitions."""
     params = [p for p in engine.module.parameters() if p.requires_grad]
-    if stage != 3:
-        return [p.data for p in params]
-    return [p.ds_tensor for p in params] + [p.data for p in params if getattr(p, "ds_persist", False)]
+    return [p.ds_tensor for p in params] if stage == 3 else [p.data for p in params]
+
+
+def _trainable(engine, stage: int) -> list[torch.Tensor]:
+    """What an export reads on this rank: ``_rank_weights`` plus, under ZeRO-3, the whole tensors of the small
+    parameters it keeps unpartitioned on every rank (``ds_persist``; a gather reads those, not their partitions)."""
+    persistent = [p.data for p in engine.module.parameters() if p.requires_grad and getattr(p, "ds_persist", False)]
+    return _rank_weights(engine, stage) + (persistent if stage == 3 else [])
 
 
 def weight_norm(engine, stage: int, device) -> float:
     """L2 norm of the trainable weights (ZeRO-3: the ranks' partitions summed across ranks)."""
-    params = [p for p in engine.module.parameters() if p.requires_grad]
-    tensors = [p.ds_tensor for p in params] if stage == 3 else [p.data for p in params]  # partitions are zero-padded
-    squares = sum(float(t.detach().double().pow(2).sum()) for t in tensors)
+    squares = sum(float(t.detach().double().pow(2).sum()) for t in _rank_weights(engine, stage))
     return math.sqrt(_allreduce_sum([squares], device)[0] if stage == 3 else squares)
 
 
@@ -341,8 +342,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     state.step,
                     0,
                 )
-                if loop.early_stopping_patience and not last:
-                    best_weights = snapshot(engine, stage, rank)
+                if loop.early_stopping_patience:  # the last step's weights go out anyway
+                    best_weights = None if last else snapshot(engine, stage, rank)
             else:
                 state.evals_without_improvement += 1
             patience = loop.early_stopping_patience
@@ -354,11 +355,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elif metrics:
             ray.train.report(metrics)
 
-    # Export the best evaluation's weights when early stopping is on and training went past them. After a restart
-    # that snapshot is gone unless the best came later: then the last weights go out, and the summary says so.
-    exported_step = state.best_step if best_weights is not None and state.best_step != state.step else state.step
-    if exported_step == state.step:
-        best_weights = None
+    # The best evaluation's weights go out when early stopping kept a snapshot of them (training went past them).
+    # After a restart that snapshot is gone unless the best came later: then the last weights go out, and the
+    # summary says so.
+    exported_step = state.best_step if best_weights is not None else state.step
     last_log = next(row for row in reversed(state.history) if "loss" in row)
     last_eval = next(row for row in reversed(state.history) if "eval_loss" in row)
     final = {

@@ -228,7 +228,6 @@ def presplit_data_config(train_ds, world_size: int):
     return PresplitDataConfig(train_ds.split(world_size, equal=True))
 
 
-
 def _added_token_ids(spec: Spec, tokenizer) -> list[int]:
     """Tokens the tokenizer added to a pretrained model's vocabulary (LoRA must train their embeddings)."""
     if spec.model.name_or_path is None:
