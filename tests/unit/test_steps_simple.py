@@ -90,3 +90,46 @@ def test_split_is_stable_follows_ratios_and_parents():
     out = split_records([record([], rid="s:5"), slice_row, record([], rid="s:6", drop="x")], spec)
     assert out[0]["split"] == out[1]["split"] == assign_split("s:5", spec)
     assert out[2]["split"] is None
+
+
+def test_consecutive_record_steps_run_as_one_udf_with_the_same_result():
+    import pyarrow as pa
+
+    from chatforge.data.filters import FiltersStep
+    from chatforge.data.normalize import NormalizeStep
+    from chatforge.data.schema import STAGE_SECONDS_COLUMN, apply_steps
+    from chatforge.data.sources import RECORD_SCHEMA
+    from chatforge.data.split import SplitStep
+
+    class FakeDataset:  # records what apply_steps maps; runs each UDF on one in-memory table
+        def __init__(self, table, udfs=()):
+            self.table, self.udfs = table, list(udfs)
+
+        def map_batches(self, fn, batch_format):
+            assert batch_format == "pyarrow"
+            return FakeDataset(fn(self.table), [*self.udfs, fn])
+
+    rows = [
+        {
+            "id": f"s:{i}",
+            "source": "s",
+            "messages": [{"role": "user", "content": " hi  there "}, {"role": "assistant", "content": "hello"}],
+            "meta": "{}",
+            "raw": None,
+            "drop_reason": None,
+        }
+        for i in range(20)
+    ]
+    table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
+    steps = [NormalizeStep(NormalizeSpec()), FiltersStep(FiltersSpec(min_turns=1)), SplitStep(SplitSpec())]
+    chained = apply_steps(FakeDataset(table), steps)
+    one_by_one = FakeDataset(table)
+    for step in steps:
+        one_by_one = one_by_one.map_batches(step.record_fn(), batch_format="pyarrow")
+
+    assert len(chained.udfs) == 1 and chained.udfs[0].stages == ["normalize", "filters", "split"]
+    assert chained.table.schema == one_by_one.table.schema
+    strip = lambda t: t.drop_columns([STAGE_SECONDS_COLUMN]).to_pylist()  # noqa: E731  (timings differ)
+    assert strip(chained.table) == strip(one_by_one.table)
+    assert {k for k, _ in chained.table[STAGE_SECONDS_COLUMN][0].as_py()} == {"normalize", "filters", "split"}
+    assert chained.table["messages"][0].as_py()[0]["content"] == "hi there"

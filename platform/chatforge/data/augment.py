@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from chatforge.config import AugmentSpec
-from chatforge.data.schema import Record, is_kept, map_records
+from chatforge.data.schema import Record, RecordBatchFn, RecordStep, is_kept
 
 AUGMENT_COLUMNS = {"augmented": pa.bool_(), "parent_id": pa.string()}
 
@@ -69,10 +69,8 @@ def augment_records(records: list[Record], spec: AugmentSpec) -> list[Record]:
 
 
 @dataclass(frozen=True)
-class AugmentStep:
+class AugmentStep(RecordStep):
     spec: AugmentSpec
 
-    def __call__(self, ds):
-        return map_records(
-            ds, functools.partial(augment_records, spec=self.spec), stage="augment", adds=AUGMENT_COLUMNS
-        )
+    def record_fn(self) -> RecordBatchFn:
+        return RecordBatchFn(functools.partial(augment_records, spec=self.spec), stage="augment", adds=AUGMENT_COLUMNS)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from chatforge.config import FiltersSpec
-from chatforge.data.schema import Record, is_kept, map_records, mark_dropped
+from chatforge.data.schema import Record, RecordBatchFn, RecordStep, is_kept, mark_dropped
 
 FILTER_COLUMNS = {"n_turns": pa.int32(), "n_chars": pa.int64(), "lang": pa.string()}
 
@@ -98,9 +98,8 @@ def filter_records(records: list[Record], spec: FiltersSpec) -> list[Record]:
 
 
 @dataclass(frozen=True)
-class FiltersStep:
+class FiltersStep(RecordStep):
     spec: FiltersSpec
 
-    def __call__(self, ds):
-        fn = functools.partial(filter_records, spec=self.spec)
-        return map_records(ds, fn, stage="filters", adds=FILTER_COLUMNS)
+    def record_fn(self) -> RecordBatchFn:
+        return RecordBatchFn(functools.partial(filter_records, spec=self.spec), stage="filters", adds=FILTER_COLUMNS)

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from chatforge.config import NormalizeSpec
-from chatforge.data.schema import Record, is_kept, map_records
+from chatforge.data.schema import Record, RecordBatchFn, RecordStep, is_kept
 
 # C0/C1 controls except tab and newline, plus zero-width and bidi-override characters that only hide text.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
@@ -44,8 +44,8 @@ def normalize_records(records: list[Record], spec: NormalizeSpec) -> list[Record
 
 
 @dataclass(frozen=True)
-class NormalizeStep:
+class NormalizeStep(RecordStep):
     spec: NormalizeSpec
 
-    def __call__(self, ds):
-        return map_records(ds, functools.partial(normalize_records, spec=self.spec), stage="normalize")
+    def record_fn(self) -> RecordBatchFn:
+        return RecordBatchFn(functools.partial(normalize_records, spec=self.spec), stage="normalize")

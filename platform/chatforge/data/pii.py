@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from chatforge.config import PII_TYPES, PiiSpec
-from chatforge.data.schema import Record, is_kept, map_records
+from chatforge.data.schema import Record, RecordBatchFn, RecordStep, is_kept
 
 PII_COUNTS_TYPE = pa.struct([(pii_type, pa.int64()) for pii_type in PII_TYPES])
 
@@ -382,11 +382,11 @@ def scrub_records(records: list[Record], spec: PiiSpec) -> list[Record]:
 
 
 @dataclass(frozen=True)
-class PiiStep:
+class PiiStep(RecordStep):
     """The ``pii`` curation step: scrubs kept conversations and adds the ``pii_counts`` column."""
 
     spec: PiiSpec
 
-    def __call__(self, ds):
+    def record_fn(self) -> RecordBatchFn:
         fn = functools.partial(scrub_records, spec=self.spec)
-        return map_records(ds, fn, stage="pii", adds={"pii_counts": PII_COUNTS_TYPE})
+        return RecordBatchFn(fn, stage="pii", adds={"pii_counts": PII_COUNTS_TYPE})

@@ -33,7 +33,7 @@ from chatforge.data.dedup import DedupStep
 from chatforge.data.filters import FiltersStep
 from chatforge.data.normalize import NormalizeStep
 from chatforge.data.pii import PiiStep
-from chatforge.data.schema import STAGE_SECONDS_COLUMN
+from chatforge.data.schema import STAGE_SECONDS_COLUMN, apply_steps
 from chatforge.data.sources import list_files, read_source
 from chatforge.data.split import SplitStep
 from chatforge.data.toxicity import ToxicityStep
@@ -71,9 +71,7 @@ def curated_dataset(curate: CurateSpec, workdir: str | None = None):
     """
     parts = [read_source(source, curate.read, curate.normalize) for source in curate.sources]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    for step in build_steps(curate, workdir):
-        ds = step(ds)
-    return ds
+    return apply_steps(ds, build_steps(curate, workdir))
 
 
 # ---------------------------------------------------------------- per-block accounting (pure)

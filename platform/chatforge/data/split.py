@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from chatforge.config import SplitSpec
-from chatforge.data.schema import Record, is_kept, map_records
+from chatforge.data.schema import Record, RecordBatchFn, RecordStep, is_kept
 
 SPLIT_COLUMNS = {"split": pa.string()}
 
@@ -34,8 +34,8 @@ def split_records(records: list[Record], spec: SplitSpec) -> list[Record]:
 
 
 @dataclass(frozen=True)
-class SplitStep:
+class SplitStep(RecordStep):
     spec: SplitSpec
 
-    def __call__(self, ds):
-        return map_records(ds, functools.partial(split_records, spec=self.spec), stage="split", adds=SPLIT_COLUMNS)
+    def record_fn(self) -> RecordBatchFn:
+        return RecordBatchFn(functools.partial(split_records, spec=self.spec), stage="split", adds=SPLIT_COLUMNS)

@@ -254,12 +254,18 @@ class ToxicityStep:
     def __call__(self, ds):
         from ray.data import ActorPoolStrategy
 
+        cpus = actor_cpus(self.spec)
         return ds.map_batches(
             ToxicityActor,
             fn_constructor_kwargs={"spec": self.spec},
             compute=ActorPoolStrategy(size=self.spec.concurrency),
             batch_size=self.spec.batch_size,
-            num_cpus=actor_cpus(self.spec),
+            num_cpus=cpus,
+            # Ray Data fuses a task map into the actor pool after it when their resources match, and then everything
+            # upstream of scoring (dedup's staged-row reads and marks, for one) runs inside the pool's few actors, one
+            # batch after another: the curation benchmark's final pass ran on one core of two. With a remote-args
+            # function the pool is never fused, so the maps before it run as parallel tasks beside the scorers.
+            ray_remote_args_fn=partial(dict, num_cpus=cpus),
             batch_format="pyarrow",
         )
 
@@ -274,5 +280,5 @@ def actor_cpus(spec: ToxicitySpec) -> float:
     import ray
 
     total = ray.cluster_resources().get("CPU", 1.0)
-    room = max(total - 1.0, 0.0) / spec.concurrency
+    room = max(total - 2.0, 0.0) / spec.concurrency
     return min(spec.num_cpus, room)
