@@ -87,3 +87,17 @@ def test_detoxify_backend_on_a_tiny_checkpoint(ray_local, tmp_path):
     check_common(schema, rows)
     labels = json.loads(rows["clean"]["toxicity_turns"])[1]["scores"]
     assert set(labels) == {"toxicity", "insult"}
+
+
+def test_the_pool_runs_apart_from_the_maps_before_it(ray_local):
+    # Ray Data fuses a task map into a following actor pool whose resources match; then the map's work would run
+    # inside the pool's one actor, batch after batch. On this 2-CPU Ray the actors reserve no CPU, so a map asking
+    # for none either would match.
+    records = [conversation(f"row-{i}", f"question {i}", f"answer {i}") for i in range(12)]
+    ds = ray_local.data.from_arrow(records_to_table(records, BASE_SCHEMA)).repartition(3)
+    ds = ds.map_batches(lambda table: table, batch_format="pyarrow", num_cpus=0)
+    out = ToxicityStep(ToxicitySpec(backend="profanity", batch_size=4))(ds).materialize()
+    stats = out.stats()
+    assert out.count() == len(records)
+    assert "MapBatches(ToxicityActor)" in stats
+    assert "->MapBatches(ToxicityActor)" not in stats

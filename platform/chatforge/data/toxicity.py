@@ -271,11 +271,12 @@ class ToxicityStep:
 
 
 def actor_cpus(spec: ToxicitySpec) -> float:
-    """CPUs each scorer actor reserves, leaving at least one CPU of the cluster to the tasks around the pool.
+    """CPUs each scorer actor reserves, leaving two CPUs of the cluster to the tasks around the pool.
 
     The pool's actors hold their CPUs for the whole run: if they took every CPU, the shuffles and maps upstream could
-    never be scheduled and the pipeline would wait forever (seen on a 1-CPU Ray). Reserving less only changes
-    scheduling; the actors still use the cores the OS gives them.
+    never be scheduled and the pipeline would wait forever (seen on a 1-CPU Ray). With one CPU left, the map feeding
+    the pool and the one draining it took turns on it (the curation benchmark's final pass, 2 CPUs); two let both
+    run. Reserving less only changes scheduling; the actors still use the cores the OS gives them.
     """
     import ray
 
