@@ -88,6 +88,19 @@ def run_ray(corpus: str, output: str, num_cpus: int, pin_cores: set[int] | None 
     }
 
 
+def speedup_over_one_cpu(corpus: str, output: str, two_cpus: dict, pin_cores: set[int] | None, log) -> float | None:
+    """The pipeline's time at ``ray.num_cpus=1`` (pinned to ``pin_cores`` if given) over ``two_cpus``'s; None if the
+    1-CPU run failed (logged, so the other figures still come out)."""
+    try:
+        one_cpu = run_ray(corpus, output, 1, pin_cores=pin_cores)
+    except SystemExit as failure:
+        log(str(failure))
+        return None
+    where = f"pinned to cores {sorted(pin_cores)}" if pin_cores else "all cores"
+    log(f"ray 1 cpu, {where}: {one_cpu['manifest']['wall_seconds']:.1f}s pipeline")
+    return round(one_cpu["manifest"]["wall_seconds"] / two_cpus["manifest"]["wall_seconds"], 3)
+
+
 class PeakMemory:
     """Samples the proportional set size of a process and all its descendants (PSS counts shared pages once)."""
 
@@ -219,17 +232,11 @@ def main() -> None:
         log(f"single process: {base['seconds']:.1f}s")
         ray2 = run_ray(corpus, os.path.join(tmp, "ray2"), 2)
         log(f"ray 2 cpus: {ray2['manifest']['wall_seconds']:.1f}s pipeline, {ray2['wall_s']:.1f}s with start-up")
-        try:
-            # One CPU for Ray's scheduler is not one core: Ray's own processes (driver, raylet, GCS) would still
-            # run on the second core for free. The speed-up compares 2 cores with 1 core (the run pinned to it);
-            # the unpinned num_cpus=1 run is reported beside it.
-            ray1 = run_ray(corpus, os.path.join(tmp, "ray1"), 1, pin_cores={0})
-            log(f"ray 1 cpu, pinned to one core: {ray1['manifest']['wall_seconds']:.1f}s pipeline")
-            ray1_unpinned = run_ray(corpus, os.path.join(tmp, "ray1u"), 1)
-            log(f"ray 1 cpu, both cores: {ray1_unpinned['manifest']['wall_seconds']:.1f}s pipeline")
-        except SystemExit as failure:  # reported in the JSON, so the other figures still come out
-            ray1 = ray1_unpinned = None
-            log(str(failure))
+        # One CPU for Ray's scheduler is not one core: Ray's own processes (driver, raylet, GCS) would still run on
+        # the second core for free. The speed-up compares 2 cores with 1 core (the run pinned to it); the unpinned
+        # num_cpus=1 run is reported beside it.
+        speedup = speedup_over_one_cpu(corpus, os.path.join(tmp, "ray1"), ray2, {0}, log)
+        speedup_unpinned = speedup_over_one_cpu(corpus, os.path.join(tmp, "ray1u"), ray2, None, log)
         result = {
             "benchmark": "curate",
             "conversations": args.n,
@@ -238,15 +245,9 @@ def main() -> None:
             "single_process_conversations_per_s": round(args.n / base["seconds"], 1),
             "ray_vs_single_process": round(base["seconds"] / ray2["manifest"]["wall_seconds"], 3),
             "ray_startup_s": round(ray2["wall_s"] - ray2["manifest"]["wall_seconds"], 1),
-            "speedup_2cpu_vs_1cpu": (
-                round(ray1["manifest"]["wall_seconds"] / ray2["manifest"]["wall_seconds"], 3) if ray1 else None
-            ),
-            "speedup_2cpu_vs_num_cpus_1_unpinned": (
-                round(ray1_unpinned["manifest"]["wall_seconds"] / ray2["manifest"]["wall_seconds"], 3)
-                if ray1_unpinned
-                else None
-            ),
-            "ray_1cpu_error": None if ray1 else "chatforge curate failed at ray.num_cpus=1 (see stderr)",
+            "speedup_2cpu_vs_1cpu": speedup,
+            "speedup_2cpu_vs_num_cpus_1_unpinned": speedup_unpinned,
+            "ray_1cpu_error": None if speedup else "chatforge curate failed at ray.num_cpus=1 (see stderr)",
             "kept_ray": ray2["manifest"]["kept"],
             "kept_single_process": base["kept"],
             "dropped_ray": ray2["manifest"]["dropped"],
@@ -265,15 +266,7 @@ def main() -> None:
             result["ray_conversations_per_s_4x"] = round(4 * args.n / ray4["manifest"]["wall_seconds"], 1)
             # The speed-up again on the 4x input, where the fixed costs (actor starts, the driver's scheduling, the
             # shuffles' start-up) weigh less against the per-record work.
-            try:
-                ray4_1 = run_ray(big, os.path.join(tmp, "ray4x1"), 1, pin_cores={0})
-                log(f"ray 4x, 1 cpu pinned: {ray4_1['manifest']['wall_seconds']:.1f}s pipeline")
-                result["speedup_2cpu_vs_1cpu_4x"] = round(
-                    ray4_1["manifest"]["wall_seconds"] / ray4["manifest"]["wall_seconds"], 3
-                )
-            except SystemExit as failure:
-                result["speedup_2cpu_vs_1cpu_4x"] = None
-                log(str(failure))
+            result["speedup_2cpu_vs_1cpu_4x"] = speedup_over_one_cpu(big, os.path.join(tmp, "ray4x1"), ray4, {0}, log)
     print(json.dumps(result))
 
 

@@ -8,7 +8,7 @@ One conversation per row. Base columns (every stage keeps them):
   raw          the raw text of a record that could not be read (null otherwise)
   drop_reason  null while the row is kept; the first reason a step rejects it ("mark, don't filter")
 
-Steps add typed columns (declared as ``adds`` to `map_records`). Every per-batch function takes and returns a
+Steps add typed columns (declared as ``adds`` to `RecordBatchFn`). Every per-batch function takes and returns a
 list of row dicts, so it is unit-testable without Ray.
 """
 
