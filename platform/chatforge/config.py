@@ -107,7 +107,9 @@ class ToxicitySpec(Strict):
     assistant_policy: Literal["drop", "flag"] = "drop"
     user_policy: Literal["drop", "flag", "ignore"] = "flag"
     batch_size: int = Field(256, ge=1)
-    concurrency: int = Field(1, ge=1, description="scorer actors")
+    concurrency: int | None = Field(
+        None, ge=1, description="scorer actors; null: a pool that grows from 1 to the cluster's CPUs / num_cpus"
+    )
     num_cpus: float = Field(1.0, gt=0, description="CPUs per scorer actor")
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from chatforge.config import ToxicitySpec
 from chatforge.data.schema import BASE_SCHEMA, STAGE_SECONDS_COLUMN, records_to_table
-from chatforge.data.toxicity import TOXICITY_COLUMNS, ToxicityStep
+from chatforge.data.toxicity import TOXICITY_COLUMNS, ToxicityStep, pool_size
 from helpers.tiny_detoxify import build_tiny_detoxify
 
 pytestmark = pytest.mark.integration
@@ -101,3 +101,21 @@ def test_the_pool_runs_apart_from_the_maps_before_it(ray_local):
     assert out.count() == len(records)
     assert "MapBatches(ToxicityActor)" in stats
     assert "->MapBatches(ToxicityActor)" not in stats
+
+
+def test_the_pool_grows_to_one_scorer_per_cpu_unless_sized(ray_local):
+    # ray_local has 2 CPUs: without `concurrency`, up to two scorers (one alone held back the benchmark's final pass).
+    assert pool_size(ToxicitySpec()) == (1, 2)
+    assert pool_size(ToxicitySpec(num_cpus=2)) == (1, 1)
+    assert pool_size(ToxicitySpec(concurrency=3)) == (3, 3)
+
+    def scorers_started() -> int:
+        events = ray_local.timeline()
+        return sum(e.get("cat") == "task::MapWorker(MapBatches(ToxicityActor)).__init__" for e in events)
+
+    before = scorers_started()
+    records = [conversation(f"row-{i}", f"question {i}", f"answer {i}") for i in range(40)]
+    ds = ray_local.data.from_arrow(records_to_table(records, BASE_SCHEMA)).repartition(8)
+    out = ToxicityStep(ToxicitySpec(backend="profanity", batch_size=5))(ds).materialize()
+    assert out.count() == len(records)
+    assert scorers_started() - before == 2

@@ -2,9 +2,15 @@ import json
 
 import pytest
 
-from chatforge.config import ReadSpec
+from chatforge.config import ReadSpec, SourceSpec
 from chatforge.data.formats import parse_raw_records
-from chatforge.data.sources import chitchat_corpus_path, iter_json_elements, iter_jsonl_range
+from chatforge.data.sources import (
+    MIN_RANGE_BYTES,
+    ConversationFiles,
+    chitchat_corpus_path,
+    iter_json_elements,
+    iter_jsonl_range,
+)
 
 
 def raw_rows(fmt, items):
@@ -59,6 +65,41 @@ def test_jsonl_ranges_cover_every_line_once(tmp_path):
     for start in range(0, size, 97):
         seen += [text for _, text, _ in iter_jsonl_range(str(path), start, min(start + 97, size), ReadSpec())]
     assert seen == lines
+
+
+@pytest.mark.parametrize(
+    ("total", "cpus", "ranges"),
+    [
+        (1000, 2, 1),  # too small to be worth two tasks
+        (4 * MIN_RANGE_BYTES, 1, 2),  # two per CPU
+        (4 * MIN_RANGE_BYTES, 2, 4),
+        (3 * MIN_RANGE_BYTES, 64, 3),  # never below MIN_RANGE_BYTES, however many CPUs
+        (10 * (64 << 20), 2, 10),  # never above read.range_bytes
+    ],
+)
+def test_jsonl_ranges_are_equal_two_per_cpu_within_bounds(total, cpus, ranges):
+    files = ConversationFiles(SourceSpec(name="s", format="openai", path="x"), ReadSpec(), cpus=cpus)
+    size = files.range_bytes(total)
+    assert -(-total // size) == ranges
+    assert size * ranges - total < ranges  # equal, up to rounding
+    assert size <= ReadSpec().range_bytes
+
+
+def test_jsonl_files_become_equal_range_tasks_and_one_block_each(tmp_path):
+    lines = [json.dumps({"messages": [{"role": "user", "content": "x" * 50}]}) for _ in range(4000)]
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    size = path.stat().st_size
+    files = ConversationFiles(
+        SourceSpec(name="s", format="openai", path=str(path)), ReadSpec(range_bytes=size // 3 + 1), cpus=2
+    )
+    tasks = files.tasks()
+    assert len(tasks) == 3 and sum(n for _, n in tasks) == size
+    assert max(n for _, n in tasks) - min(n for _, n in tasks) <= 2
+    assert sum(block.num_rows for fn, _ in tasks for block in fn()) == len(lines)
+    # As many blocks as tasks, so Ray Data fuses the steps into the read tasks; more when CPUs would sit idle.
+    assert files.num_blocks(len(tasks)) == 3
+    assert ConversationFiles(files.source, files.read, cpus=8).num_blocks(3) == 6
 
 
 def test_jsonl_oversize_and_bad_utf8_lines(tmp_path):

@@ -254,11 +254,12 @@ class ToxicityStep:
     def __call__(self, ds):
         from ray.data import ActorPoolStrategy
 
-        cpus = actor_cpus(self.spec)
+        low, high = pool_size(self.spec)
+        cpus = actor_cpus(self.spec, high)
         return ds.map_batches(
             ToxicityActor,
             fn_constructor_kwargs={"spec": self.spec},
-            compute=ActorPoolStrategy(size=self.spec.concurrency),
+            compute=ActorPoolStrategy(min_size=low, max_size=high, initial_size=high),
             batch_size=self.spec.batch_size,
             num_cpus=cpus,
             # Ray Data fuses a task map into the actor pool after it when their resources match, and then everything
@@ -270,7 +271,20 @@ class ToxicityStep:
         )
 
 
-def actor_cpus(spec: ToxicitySpec) -> float:
+def pool_size(spec: ToxicitySpec) -> tuple[int, int]:
+    """The pool's smallest and largest size: ``concurrency`` actors when set; else one scorer per ``num_cpus`` CPUs of
+    the cluster, all started at once and let go down to one when idle. A single scorer held back the curation
+    benchmark's whole final pass on two cores; a pool grown from one on demand started its second scorer too late
+    to help (docs/benchmarks.md)."""
+    import ray
+
+    if spec.concurrency:
+        return spec.concurrency, spec.concurrency
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return 1, max(1, int(total // spec.num_cpus))
+
+
+def actor_cpus(spec: ToxicitySpec, actors: int) -> float:
     """CPUs each scorer actor reserves, leaving two CPUs of the cluster to the tasks around the pool.
 
     The pool's actors hold their CPUs for the whole run: if they took every CPU, the shuffles and maps upstream could
@@ -281,5 +295,5 @@ def actor_cpus(spec: ToxicitySpec) -> float:
     import ray
 
     total = ray.cluster_resources().get("CPU", 1.0)
-    room = max(total - 2.0, 0.0) / spec.concurrency
+    room = max(total - 2.0, 0.0) / actors
     return min(spec.num_cpus, room)
