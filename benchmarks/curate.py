@@ -10,8 +10,8 @@ Generates a ShareGPT JSONL corpus of synthetic multi-turn conversations (with PI
       reported as well);
   (b) a single-process loop applying the same per-batch functions (parse, normalize, filters, PII, dedup with the
       same MinHash/LSH functions and an in-memory union-find, toxicity with the same scorer, augment, split, write);
-  (c) the peak memory (PSS of the whole process tree, Ray's processes included) at 1x and 4x the input, and the
-      speed-up once more on the 4x input.
+  (c) the peak memory (PSS of the whole process tree, Ray's processes included) at 1x and 4x the input, in runs of
+      their own (sampling takes CPU), and the speed-up once more on the 4x input.
 Throughput counts the pipeline itself (the manifest's wall_seconds), not Ray's start-up, reported apart.
 Prints one JSON line last.
 """
@@ -46,11 +46,16 @@ from helpers.corpus import write_sharegpt_jsonl  # noqa: E402
 SPEC = os.path.join(ROOT, "pipelines", "curate.yaml")
 
 
-def run_ray(corpus: str, output: str, num_cpus: int, pin_cores: set[int] | None = None) -> dict:
-    """`chatforge curate` in a fresh process; returns the manifest, wall time with start-up, and peak PSS.
+def run_ray(
+    corpus: str, output: str, num_cpus: int, pin_cores: set[int] | None = None, sample_memory: bool = False
+) -> dict:
+    """`chatforge curate` in a fresh process; returns the manifest, wall time with start-up, and (``sample_memory``)
+    peak PSS.
 
     ``pin_cores``: confine the process and everything it starts (Ray's raylet, GCS, workers inherit the affinity)
-    to these cores, so that a ``ray.num_cpus=1`` run really has one core."""
+    to these cores, so that a ``ray.num_cpus=1`` run really has one core. Timed runs do not sample memory: reading
+    ~30 processes' PSS four times a second takes CPU, which a 2-core run pays for and a run pinned to one core
+    does not (the sampler runs on the free core), so sampling skewed the speed-up."""
     cmd = [
         sys.executable,
         "-m",
@@ -70,9 +75,10 @@ def run_ray(corpus: str, output: str, num_cpus: int, pin_cores: set[int] | None 
     started = time.perf_counter()
     pin = (lambda: os.sched_setaffinity(0, pin_cores)) if pin_cores else None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, preexec_fn=pin)
-    peak = PeakMemory(proc.pid)
+    peak = PeakMemory(proc.pid) if sample_memory else None
     stdout, stderr = proc.communicate()
-    peak.stop()
+    if peak:
+        peak.stop()
     if proc.returncode:
         raise SystemExit(f"chatforge curate failed ({proc.returncode}) at num_cpus={num_cpus}:\n{stderr[-4000:]}")
     # The manifest is the last JSON line; a library may print after it (the line is looked for, not assumed).
@@ -83,8 +89,8 @@ def run_ray(corpus: str, output: str, num_cpus: int, pin_cores: set[int] | None 
     return {
         "manifest": manifest,
         "wall_s": time.perf_counter() - started,
-        "peak_pss_mb": peak.peak / 2**20,
-        "peak_by_process_mb": peak.peak_by_process,
+        "peak_pss_mb": peak.peak / 2**20 if peak else None,
+        "peak_by_process_mb": peak.peak_by_process if peak else None,
     }
 
 
@@ -252,17 +258,20 @@ def main() -> None:
             "kept_single_process": base["kept"],
             "dropped_ray": ray2["manifest"]["dropped"],
             "stages_cpu_s": {s["name"]: s["seconds"] for s in ray2["manifest"]["stages"]},
-            "peak_pss_mb_1x": round(ray2["peak_pss_mb"], 1),
         }
         if not args.skip_memory:
             big = os.path.join(tmp, "corpus4x.jsonl")
             write_sharegpt_jsonl(big, 4 * args.n, seed=2, pii_every=10, near_every=25)
+            mem1 = run_ray(corpus, os.path.join(tmp, "mem1x"), 2, sample_memory=True)
+            mem4 = run_ray(big, os.path.join(tmp, "mem4x"), 2, sample_memory=True)
+            log(f"peak memory: {mem1['peak_pss_mb']:.0f} MB at 1x, {mem4['peak_pss_mb']:.0f} MB at 4x")
+            result["peak_pss_mb_1x"] = round(mem1["peak_pss_mb"], 1)
+            result["peak_pss_mb_4x"] = round(mem4["peak_pss_mb"], 1)
+            result["peak_memory_growth_4x"] = round(mem4["peak_pss_mb"] / mem1["peak_pss_mb"], 3)
+            result["peak_by_process_mb_1x"] = mem1["peak_by_process_mb"]
+            result["peak_by_process_mb_4x"] = mem4["peak_by_process_mb"]
             ray4 = run_ray(big, os.path.join(tmp, "ray4x"), 2)
-            log(f"ray 4x: {ray4['manifest']['wall_seconds']:.1f}s pipeline, peak {ray4['peak_pss_mb']:.0f} MB")
-            result["peak_pss_mb_4x"] = round(ray4["peak_pss_mb"], 1)
-            result["peak_memory_growth_4x"] = round(ray4["peak_pss_mb"] / ray2["peak_pss_mb"], 3)
-            result["peak_by_process_mb_1x"] = ray2["peak_by_process_mb"]
-            result["peak_by_process_mb_4x"] = ray4["peak_by_process_mb"]
+            log(f"ray 4x: {ray4['manifest']['wall_seconds']:.1f}s pipeline")
             result["ray_conversations_per_s_4x"] = round(4 * args.n / ray4["manifest"]["wall_seconds"], 1)
             # The speed-up again on the 4x input, where the fixed costs (actor starts, the driver's scheduling, the
             # shuffles' start-up) weigh less against the per-record work.
