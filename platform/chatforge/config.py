@@ -108,7 +108,7 @@ class ToxicitySpec(Strict):
     user_policy: Literal["drop", "flag", "ignore"] = "flag"
     batch_size: int = Field(256, ge=1)
     concurrency: int | None = Field(
-        None, ge=1, description="scorer actors; null: a pool that grows from 1 to the cluster's CPUs / num_cpus"
+        None, ge=1, description="scorer actors; null: one per num_cpus CPUs of the cluster, down to 1 when idle"
     )
     num_cpus: float = Field(1.0, gt=0, description="CPUs per scorer actor")
 

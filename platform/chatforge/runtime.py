@@ -12,6 +12,14 @@ class RayConnectError(RuntimeError):
     """Ray could not be started or joined; the message says what to check."""
 
 
+def cluster_cpus() -> float:
+    """The CPUs of the Ray cluster this process is connected to (1 if it reports none): what the data steps size
+    their read ranges, shuffle partitions and scorer pool by."""
+    import ray
+
+    return ray.cluster_resources().get("CPU", 1.0)
+
+
 def init_ray(spec: RaySpec) -> None:
     """Start a local Ray (``spec.address`` unset) or join a cluster; reuse Ray if this process already has it.
 

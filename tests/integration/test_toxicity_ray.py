@@ -10,6 +10,7 @@ import pytest
 from chatforge.config import ToxicitySpec
 from chatforge.data.schema import BASE_SCHEMA, STAGE_SECONDS_COLUMN, records_to_table
 from chatforge.data.toxicity import TOXICITY_COLUMNS, ToxicityStep, pool_size
+from chatforge.runtime import cluster_cpus
 from helpers.tiny_detoxify import build_tiny_detoxify
 
 pytestmark = pytest.mark.integration
@@ -105,9 +106,10 @@ def test_the_pool_runs_apart_from_the_maps_before_it(ray_local):
 
 def test_the_pool_grows_to_one_scorer_per_cpu_unless_sized(ray_local):
     # ray_local has 2 CPUs: without `concurrency`, up to two scorers (one alone held back the benchmark's final pass).
-    assert pool_size(ToxicitySpec()) == (1, 2)
-    assert pool_size(ToxicitySpec(num_cpus=2)) == (1, 1)
-    assert pool_size(ToxicitySpec(concurrency=3)) == (3, 3)
+    assert cluster_cpus() == 2
+    assert pool_size(ToxicitySpec(), cluster_cpus()) == (1, 2)
+    assert pool_size(ToxicitySpec(num_cpus=2), cluster_cpus()) == (1, 1)
+    assert pool_size(ToxicitySpec(concurrency=3), cluster_cpus()) == (3, 3)
 
     def scorers_started() -> int:
         events = ray_local.timeline()

@@ -46,6 +46,7 @@ from ray.data.expressions import col
 from chatforge.config import DedupSpec
 from chatforge.data.components import connected_components
 from chatforge.data.schema import STAGE_SECONDS_COLUMN, STAGE_SECONDS_TYPE
+from chatforge.runtime import cluster_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -458,7 +459,7 @@ def read_staged(paths: list[str], columns: list[str]) -> Dataset:
 
 
 def default_num_partitions() -> int:
-    return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    return max(2, 2 * int(cluster_cpus()))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import pyarrow as pa
 from chatforge.config import NormalizeSpec, ReadSpec, SourceSpec
 from chatforge.data.formats import check_parquet_records, parse_raw_records
 from chatforge.data.schema import BASE_SCHEMA, STAGE_SECONDS_COLUMN, STAGE_SECONDS_TYPE, map_records, with_columns
+from chatforge.runtime import cluster_cpus
 
 RAW_SCHEMA = pa.schema(
     [
@@ -295,14 +296,13 @@ def _make_datasource(files: ConversationFiles):
 
 def read_source(source: SourceSpec, read: ReadSpec, normalize: NormalizeSpec):
     """A Ray Dataset of records (our schema) for one source; bad records are rows marked ``malformed:<why>``."""
-    import ray
     import ray.data
 
     if source.format == "parquet":
         ds = ray.data.read_parquet(list_files(source))
         fn = functools.partial(check_parquet_records, source=source.name, role_map=normalize.role_map)
         return map_records(ds, fn, stage="read", schema=RECORD_SCHEMA)
-    files = ConversationFiles(source, read, cpus=int(ray.cluster_resources().get("CPU", 1)))
+    files = ConversationFiles(source, read, cpus=int(cluster_cpus()))
     datasource = _make_datasource(files)
     ds = ray.data.read_datasource(datasource, override_num_blocks=files.num_blocks(len(datasource.planned)))
     fn = functools.partial(parse_raw_records, role_map=normalize.role_map, raw_keep_bytes=read.raw_keep_bytes)

@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from chatforge.config import ToxicitySpec
 from chatforge.data.schema import Record, RecordBatchFn, is_kept, mark_dropped
+from chatforge.runtime import cluster_cpus
 
 TOXICITY_LABEL = "toxicity"
 SCORED_ROLES = ("user", "assistant")
@@ -254,8 +255,9 @@ class ToxicityStep:
     def __call__(self, ds):
         from ray.data import ActorPoolStrategy
 
-        low, high = pool_size(self.spec)
-        cpus = actor_cpus(self.spec, high)
+        total = cluster_cpus()
+        low, high = pool_size(self.spec, total)
+        cpus = actor_cpus(self.spec, high, total)
         return ds.map_batches(
             ToxicityActor,
             fn_constructor_kwargs={"spec": self.spec},
@@ -271,29 +273,24 @@ class ToxicityStep:
         )
 
 
-def pool_size(spec: ToxicitySpec) -> tuple[int, int]:
+def pool_size(spec: ToxicitySpec, total: float) -> tuple[int, int]:
     """The pool's smallest and largest size: ``concurrency`` actors when set; else one scorer per ``num_cpus`` CPUs of
     the cluster, all started at once and let go down to one when idle. A single scorer held back the curation
     benchmark's whole final pass on two cores; a pool grown from one on demand started its second scorer too late
-    to help (docs/benchmarks.md)."""
-    import ray
-
+    to help (docs/benchmarks.md). ``total``: the cluster's CPUs."""
     if spec.concurrency:
         return spec.concurrency, spec.concurrency
-    total = ray.cluster_resources().get("CPU", 1.0)
     return 1, max(1, int(total // spec.num_cpus))
 
 
-def actor_cpus(spec: ToxicitySpec, actors: int) -> float:
+def actor_cpus(spec: ToxicitySpec, actors: int, total: float) -> float:
     """CPUs each scorer actor reserves, leaving two CPUs of the cluster to the tasks around the pool.
 
     The pool's actors hold their CPUs for the whole run: if they took every CPU, the shuffles and maps upstream could
     never be scheduled and the pipeline would wait forever (seen on a 1-CPU Ray). With one CPU left, the map feeding
     the pool and the one draining it took turns on it (the curation benchmark's final pass, 2 CPUs); two let both
-    run. Reserving less only changes scheduling; the actors still use the cores the OS gives them.
+    run. Reserving less only changes scheduling; the actors still use the cores the OS gives them. ``total``: the
+    cluster's CPUs.
     """
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 1.0)
     room = max(total - 2.0, 0.0) / actors
     return min(spec.num_cpus, room)
