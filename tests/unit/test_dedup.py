@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -252,3 +254,10 @@ def test_label_propagation_joins_a_chain_and_keeps_components_apart():
 def test_label_propagation_ignores_self_loops():
     labels, _ = run_components(["a", "b"], ["a", "a"])
     assert labels == {"a": "a", "b": "a"}
+
+
+def test_importing_dedup_leaves_datasketch_and_scipy_to_the_signature_pass():
+    """Workers that only unpickle a dedup function (shuffles, marks) must not pay datasketch's scipy import."""
+    code = "import sys, chatforge.data.dedup; print(sorted(m for m in ('datasketch', 'scipy') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

@@ -39,7 +39,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import xxhash
-from datasketch import MinHash
 from ray.data import Dataset
 from ray.data.expressions import col
 
@@ -137,7 +136,12 @@ def shingle_hashes(texts: Sequence[str], shingle_words: int) -> tuple[np.ndarray
 
 @functools.lru_cache(maxsize=8)
 def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """datasketch's "affine32" permutations (h -> a*h + b mod 2^32, a odd), so signatures match its MinHash."""
+    """datasketch's "affine32" permutations (h -> a*h + b mod 2^32, a odd), so signatures match its MinHash.
+
+    Imported here, not at the top: datasketch's package imports its LSH classes and with them scipy (0.35 s), which
+    every worker that unpickles a dedup function would pay, though only the signature pass needs this."""
+    from datasketch import MinHash
+
     a, b = MinHash(num_perm=num_perm, seed=seed).permutations
     return a.astype(np.uint32)[:, None], b.astype(np.uint32)[:, None]
 
