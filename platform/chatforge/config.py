@@ -203,6 +203,10 @@ class TrainLoopSpec(Strict):
     warmup_steps: int = Field(20, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = Field(1.0, ge=0, description="0 turns clipping off")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each layer's activations in backward: activation memory of one layer, ~1/3 more compute",
+    )
     packing: bool = True
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(20, ge=1, description="val batches (of batch_size conversations) per dataset per eval")

@@ -98,6 +98,7 @@ def test_lora_exports_adapter_and_merged_model(ray_local, tmp_path, data_dir):
         "train.max_steps=8",
         "train.lr=0.01",
         "train.checkpoint_every=4",
+        "train.gradient_checkpointing=true",
         fault_at_step=6,
     )
     # checkpoints leave the frozen base weights out, and a resume still restores the adapters
@@ -132,6 +133,7 @@ def test_pretrained_local_model_and_mixing(ray_local, tmp_path, data_dir):
             f"train.output={tmp_path / 'out'}",
             "train.max_steps=6",
             "deepspeed.zero_stage=3",  # a pretrained model loads straight into ZeRO-3 partitions
+            "train.gradient_checkpointing=true",  # recomputation under ZeRO-3's gather hooks
         ],
     )
     result = run_training(spec)
@@ -168,3 +170,30 @@ def test_early_stopping_exports_the_best_weights(ray_local, tmp_path, data_dir, 
     _, model = generates(tmp_path / "out" / "model")
     exported = sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()) ** 0.5
     assert exported == pytest.approx(norms[2], rel=1e-6)  # the step-2 weights went out, not the step-6 ones
+
+
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_a_run_resumed_past_its_best_eval_still_exports_the_best_weights(ray_local, tmp_path, data_dir, stage):
+    result, rows = train(
+        tmp_path,
+        data_dir,
+        f"deepspeed.zero_stage={stage}",
+        "train.lr=0.01",
+        "train.warmup_steps=0",
+        "train.schedule=constant",
+        "train.max_steps=40",
+        "train.eval_every=2",
+        "train.checkpoint_every=4",
+        "train.early_stopping_patience=3",
+        "train.early_stopping_min_delta=1000",  # only the first eval (step 2) counts as an improvement
+        fault_at_step=5,  # after the step-4 checkpoint, which holds the step-2 weights beside its own
+    )
+    assert [r["step"] for r in rows if r.get("event") == "resumed"] == [4]
+    final = result.summary["final_metrics"]
+    assert final["stopped_early"] is True
+    assert final["step"] == 8 and final["best_step"] == 2 and final["exported_step"] == 2
+    norms = {row["step"]: row["weight_norm"] for row in rows if "weight_norm" in row}
+    assert abs(norms[8] - norms[2]) > 1e-3 * norms[2]
+    _, model = generates(tmp_path / "out" / "model")
+    exported = sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()) ** 0.5
+    assert exported == pytest.approx(norms[2], rel=1e-6)

@@ -16,6 +16,7 @@ from chatforge.train.model import (
     build_model,
     count_parameters,
     default_lora_targets,
+    enable_gradient_checkpointing,
     load_tokenizer,
     resolve_dtype,
     train_tokenizer,
@@ -109,6 +110,35 @@ def test_build_default_gpt2_from_spec(tokenizer):
     assert build_model(spec, tokenizer, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
     ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], return_dict=False)])
     assert model(input_ids=ids, labels=ids).loss.isfinite()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_recomputes_layers_and_keeps_the_gradients(tokenizer, lora):
+    """Each layer runs again in backward (that is the memory saving), and the gradients are those of a plain pass,
+    also under LoRA, whose frozen embeddings give the checkpointed layers inputs that need no grad."""
+    spec = ModelSpec(**TINY, dropout=0.0)
+    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], return_dict=False)])
+
+    def layer_calls_and_grads(checkpointing: bool):
+        torch.manual_seed(0)
+        model = build_model(spec, tokenizer)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        if lora:
+            model = apply_lora(model, LoraSpec(r=2, dropout=0.0))
+        model.train()
+        calls = []
+        for block in model.get_base_model().transformer.h if lora else model.transformer.h:
+            block.attn.register_forward_hook(lambda *_: calls.append(1))  # the recompute calls the block's forward
+        model(input_ids=ids, labels=ids).loss.backward()
+        return len(calls), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    plain_calls, plain_grads = layer_calls_and_grads(False)
+    calls, grads = layer_calls_and_grads(True)
+    assert (plain_calls, calls) == (TINY["n_layer"], 2 * TINY["n_layer"])
+    assert len(grads) == len(plain_grads) > 0
+    for grad, plain in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(grad, plain)
 
 
 def test_load_tokenizer_and_model_from_a_local_dir(tokenizer, tmp_path):

@@ -5,6 +5,7 @@ import pytest
 
 from chatforge.config import DeepSpeedSpec, TrainLoopSpec, load_spec
 from chatforge.train.deepspeed import deepspeed_config, lr_multiplier, zero_memory_per_worker
+from chatforge.train.loop import model_flops_per_token
 from chatforge.train.trainer import PackRows, TokenizeSamples, TrainDataError, resolve_data_dir, with_tag
 
 
@@ -106,3 +107,9 @@ def test_data_option_is_read_from_the_right():
     assert _split_data_option("runs/a/data:2:law") == ("runs/a/data", 2.0, "law")
     assert _split_data_option("s3://bucket/data:3:support") == ("s3://bucket/data", 3.0, "support")
     assert _split_data_option("s3://bucket/data") == ("s3://bucket/data", 1.0, None)
+
+
+def test_model_flops_per_token_counts_weight_gradients_only_for_trainable_parameters():
+    assert model_flops_per_token(trainable=1000, total=1000) == 6000  # full fine-tuning: the usual 6N
+    assert model_flops_per_token(trainable=0, total=1000) == 4000  # frozen: forward + activation gradients
+    assert model_flops_per_token(trainable=10, total=1000) == 4020  # LoRA: ~4N, not 6N

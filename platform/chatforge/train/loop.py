@@ -25,13 +25,20 @@ import torch
 
 from chatforge.config import Spec
 from chatforge.train.deepspeed import deepspeed_config, lr_multiplier
-from chatforge.train.model import apply_lora, build_model, count_parameters, resolve_dtype
+from chatforge.train.model import (
+    apply_lora,
+    build_model,
+    count_parameters,
+    enable_gradient_checkpointing,
+    resolve_dtype,
+)
 from chatforge.train.tokenize import IGNORE_INDEX, PAD_SEQUENCE_ID, model_inputs
 
 MODEL_DIR = "model"  # inside the final checkpoint: the exported Hugging Face model
 ADAPTER_DIR = "adapter"  # LoRA runs: the adapter alone
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "loop_state.json"
+BEST_WEIGHTS_FILE = "best_weights.rank{rank}.safetensors"  # in a checkpoint: the rank's snapshot of the best eval
 TENSOR_KEYS = ("input_ids", "labels", "position_ids", "sequence_ids")
 
 # Peak dense bf16 FLOP/s per GPU, for MFU (by device-name substring; unknown devices report no MFU).
@@ -182,17 +189,29 @@ def restore_snapshot(engine, stage: int, saved: list[torch.Tensor] | None) -> No
             target.copy_(value.to(target.device))
 
 
-def _mfu(tokens_per_s: float, params: int, world: int) -> float | None:
+def model_flops_per_token(trainable: int, total: int) -> int:
+    """Training FLOPs per token of the model's matmuls: 2 per parameter in forward, 2 in backward for the gradient
+    of the activations, and 2 more per trainable parameter for its weight gradient. 6 per parameter when everything
+    trains; about 4 under LoRA, whose frozen base gets no weight gradient. Attention scores are left out, and so is the
+    forward that gradient checkpointing repeats (MFU counts the model's FLOPs, not the hardware's)."""
+    return 4 * total + 2 * trainable
+
+
+def _mfu(tokens_per_s: float, flops_per_token: int, world: int) -> float | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
     peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-    return None if peak is None else 6 * params * tokens_per_s / (peak * world)
+    return None if peak is None else flops_per_token * tokens_per_s / (peak * world)
 
 
-def _save(engine, state: LoopState, rank: int, metrics: dict[str, Any], lora: bool, export=None) -> None:
-    """Every rank writes its DeepSpeed shards to its own dir; Ray merges the ranks' dirs into one checkpoint."""
+def _save(engine, state: LoopState, rank: int, metrics: dict[str, Any], lora: bool, best=None, export=None) -> None:
+    """Every rank writes its DeepSpeed shards to its own dir; Ray merges the ranks' dirs into one checkpoint.
+
+    ``best``: this rank's snapshot of the best evaluation's weights, when training has gone past them; it goes into
+    the checkpoint too, so that a run resumed from it still exports the best weights."""
     import ray.train
+    from safetensors.torch import save_file
 
     tmp = tempfile.mkdtemp(prefix=f"chatforge-ckpt-r{rank}-")
     try:
@@ -200,6 +219,8 @@ def _save(engine, state: LoopState, rank: int, metrics: dict[str, Any], lora: bo
         engine.save_checkpoint(
             tmp, tag=f"step{state.step}", client_state={"loop_state": asdict(state)}, exclude_frozen_parameters=lora
         )
+        if best is not None:
+            save_file({str(i): t.contiguous() for i, t in enumerate(best)}, os.path.join(tmp, _best_file(rank)))
         if rank == 0:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(asdict(state), f)
@@ -212,17 +233,29 @@ def _save(engine, state: LoopState, rank: int, metrics: dict[str, Any], lora: bo
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _restore(engine, state: LoopState) -> LoopState:
+def _best_file(rank: int) -> str:
+    return BEST_WEIGHTS_FILE.format(rank=rank)
+
+
+def _restore(engine, state: LoopState, rank: int) -> tuple[LoopState, list[torch.Tensor] | None]:
+    """The loop state of Ray's last checkpoint (DeepSpeed's state loaded into ``engine``) and this rank's snapshot
+    of the best weights if the checkpoint holds one; ``state`` unchanged and None without a checkpoint."""
     import ray.train
+    from safetensors.torch import load_file
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return state
+        return state, None
+    best = None
     with checkpoint.as_directory() as directory:
         _, client_state = engine.load_checkpoint(directory, load_module_strict=False)
+        path = os.path.join(directory, _best_file(rank))
+        if os.path.exists(path):
+            saved = load_file(path)
+            best = [saved[str(i)] for i in range(len(saved))]
     restored = LoopState(**client_state["loop_state"])
     restored.history.append({"step": restored.step, "event": "resumed"})
-    return restored
+    return restored, best
 
 
 def _export(engine, spec: Spec, tokenizer, rank: int, stage: int, best, directory: str) -> None:
@@ -271,6 +304,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         zero3_loading = HfDeepSpeedConfig(_with_batch_sizes(ds_config, world))
     model = build_model(spec.model, tokenizer, torch_dtype=dtype)
     del zero3_loading
+    if loop.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if spec.method == "lora":
         model = apply_lora(model, spec.lora, config.get("trainable_token_ids", ()))
     trainable, total = count_parameters(model)
@@ -280,7 +315,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_multiplier, loop=loop)),
     )
-    state = _restore(engine, LoopState())
+    state, best_weights = _restore(engine, LoopState(), rank)  # best_weights: see the early-stopping branch
     # The val set was cut to eval_batches per dataset when it was prepared: hold it, the same batches every eval.
     val_shard = ray.train.get_dataset_shard("val")
     val_batches = list(val_shard.iter_torch_batches(batch_size=loop.batch_size, dtypes=torch.long))
@@ -291,7 +326,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stage = spec.deepspeed.zero_stage
     stage0_grad_norm = stage == 0
     last_grad_norm = None
-    best_weights = None  # the snapshot at state.best_step; lost with the process on a restart
     engine.train()
     window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     while state.step < loop.max_steps and not state.stopped_early:
@@ -327,7 +361,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": tokens / elapsed,
             }
-            if (mfu := _mfu(metrics["tokens_per_s"], total, world)) is not None:
+            if (mfu := _mfu(metrics["tokens_per_s"], model_flops_per_token(trainable, total), world)) is not None:
                 metrics["mfu"] = mfu
             state.history.append(metrics)
             window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
@@ -351,13 +385,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state.stopped_early or last:
             break
         if state.step % loop.checkpoint_every == 0:
-            _save(engine, state, rank, metrics or {"step": state.step}, lora=spec.method == "lora")
+            _save(engine, state, rank, metrics or {"step": state.step}, lora=spec.method == "lora", best=best_weights)
         elif metrics:
             ray.train.report(metrics)
 
-    # The best evaluation's weights go out when early stopping kept a snapshot of them (training went past them).
-    # After a restart that snapshot is gone unless the best came later: then the last weights go out, and the
-    # summary says so.
+    # The best evaluation's weights go out when early stopping kept a snapshot of them (training went past them; a
+    # resumed run has it back from the checkpoint).
     exported_step = state.best_step if best_weights is not None else state.step
     last_log = next(row for row in reversed(state.history) if "loss" in row)
     last_eval = next(row for row in reversed(state.history) if "eval_loss" in row)

@@ -194,6 +194,24 @@ def build_model(
     return model
 
 
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Keep only each layer's inputs in the forward pass and recompute its activations in backward.
+
+    Non-reentrant checkpointing: it works when the layer inputs need no grad (LoRA's frozen embeddings) and under
+    ZeRO-3's parameter hooks; the KV cache is off, as it is useless in training and conflicts with recomputation.
+    """
+    if not model.supports_gradient_checkpointing:
+        raise ValueError(
+            f"{type(model).__name__} does not support gradient checkpointing: set train.gradient_checkpointing=false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
 # ---------------------------------------------------------------- LoRA
 
 
