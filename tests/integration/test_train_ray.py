@@ -145,19 +145,27 @@ def test_pretrained_local_model_and_mixing(ray_local, tmp_path, data_dir):
     generates(tmp_path / "out" / "model")
 
 
+# Early stopping whose only improvement is the first eval, at step 2 (every later one misses the huge min_delta).
+BEST_AT_STEP_2 = (
+    "train.lr=0.01",
+    "train.warmup_steps=0",
+    "train.schedule=constant",
+    "train.max_steps=40",
+    "train.eval_every=2",
+    "train.early_stopping_min_delta=1000",
+)
+
+
+def exported_norm(tmp_path) -> float:
+    """L2 norm of the exported model's weights (it must also load and generate)."""
+    _, model = generates(tmp_path / "out" / "model")
+    return sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()) ** 0.5
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_early_stopping_exports_the_best_weights(ray_local, tmp_path, data_dir, stage):
     result, rows = train(
-        tmp_path,
-        data_dir,
-        f"deepspeed.zero_stage={stage}",
-        "train.lr=0.01",
-        "train.warmup_steps=0",
-        "train.schedule=constant",
-        "train.max_steps=40",
-        "train.eval_every=2",
-        "train.early_stopping_patience=2",
-        "train.early_stopping_min_delta=1000",  # only the first eval (vs infinity) counts as an improvement
+        tmp_path, data_dir, f"deepspeed.zero_stage={stage}", *BEST_AT_STEP_2, "train.early_stopping_patience=2"
     )
     final = result.summary["final_metrics"]
     assert final["stopped_early"] is True
@@ -167,9 +175,7 @@ def test_early_stopping_exports_the_best_weights(ray_local, tmp_path, data_dir, 
     assert sorted(norms) == [2, 4, 6]
     assert abs(norms[6] - norms[2]) > 1e-3 * norms[2]  # the weights did move after the best eval
 
-    _, model = generates(tmp_path / "out" / "model")
-    exported = sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()) ** 0.5
-    assert exported == pytest.approx(norms[2], rel=1e-6)  # the step-2 weights went out, not the step-6 ones
+    assert exported_norm(tmp_path) == pytest.approx(norms[2], rel=1e-6)  # the step-2 weights went out, not step 6's
 
 
 @pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
@@ -178,14 +184,9 @@ def test_a_run_resumed_past_its_best_eval_still_exports_the_best_weights(ray_loc
         tmp_path,
         data_dir,
         f"deepspeed.zero_stage={stage}",
-        "train.lr=0.01",
-        "train.warmup_steps=0",
-        "train.schedule=constant",
-        "train.max_steps=40",
-        "train.eval_every=2",
+        *BEST_AT_STEP_2,
         "train.checkpoint_every=4",
         "train.early_stopping_patience=3",
-        "train.early_stopping_min_delta=1000",  # only the first eval (step 2) counts as an improvement
         fault_at_step=5,  # after the step-4 checkpoint, which holds the step-2 weights beside its own
     )
     assert [r["step"] for r in rows if r.get("event") == "resumed"] == [4]
@@ -194,6 +195,4 @@ def test_a_run_resumed_past_its_best_eval_still_exports_the_best_weights(ray_loc
     assert final["step"] == 8 and final["best_step"] == 2 and final["exported_step"] == 2
     norms = {row["step"]: row["weight_norm"] for row in rows if "weight_norm" in row}
     assert abs(norms[8] - norms[2]) > 1e-3 * norms[2]
-    _, model = generates(tmp_path / "out" / "model")
-    exported = sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()) ** 0.5
-    assert exported == pytest.approx(norms[2], rel=1e-6)
+    assert exported_norm(tmp_path) == pytest.approx(norms[2], rel=1e-6)
