@@ -208,8 +208,8 @@ def _mfu(tokens_per_s: float, flops_per_token: int, world: int) -> float | None:
 def _save(engine, state: LoopState, rank: int, metrics: dict[str, Any], lora: bool, best=None, export=None) -> None:
     """Every rank writes its DeepSpeed shards to its own dir; Ray merges the ranks' dirs into one checkpoint.
 
-    ``best``: this rank's snapshot of the best evaluation's weights, when training has gone past them; it goes into
-    the checkpoint too, so that a run resumed from it still exports the best weights."""
+    ``best``: this rank's snapshot of the best evaluation's weights (kept while early stopping is on); it goes into
+    the checkpoint too, so that a run resumed from it after training went past that evaluation still exports them."""
     import ray.train
     from safetensors.torch import save_file
 
