@@ -88,7 +88,9 @@ class DedupSpec(Strict):
     bands: int = Field(16, ge=1)
     threshold: float = Field(0.7, gt=0, le=1, description="estimated Jaccard a candidate pair must reach")
     shingle_words: int = Field(5, ge=1)
-    num_partitions: int | None = Field(None, ge=1, description="hash partitions for shuffles; None picks from CPUs")
+    num_partitions: int | None = Field(
+        None, ge=1, description="hash partitions for shuffles; None sizes each by its input (one per 64 MiB)"
+    )
     max_iterations: int = Field(30, ge=1, description="connected-components rounds before giving up")
 
     @model_validator(mode="after")

@@ -2,10 +2,46 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
 from chatforge.config import RaySpec
+
+logger = logging.getLogger(__name__)
+
+
+def fix_ray_data_first_limits() -> bool:
+    """Keep Ray Data from running each execution's first second on one task (Ray 2.60; docs/ray-data-limits.md).
+
+    An execution learns the cluster's size from its autoscaling coordinator, whose client answers from a cache and
+    asks the coordinator actor in the background: its first answer is empty. The resource manager turns that into
+    limits of zero CPUs and keeps them for a second (``GLOBAL_LIMITS_UPDATE_INTERVAL_S``), so every execution runs
+    one task (the one its liveness rule lets through) until then: on a 2-CPU Ray, four 2 s tasks took 5.3 s instead
+    of 4. Patched: limits that are all zero (no CPU, GPU nor object store, which no real cluster has) are not kept,
+    so the next scheduling step asks again, by which time the coordinator has answered. Idempotent; a no-op (with a
+    debug line) when Ray Data's internals are not as expected. Returns whether the patch is in place."""
+    try:
+        from ray.data._internal.execution.resource_manager import ResourceManager
+    except ImportError:  # pragma: no cover - Ray Data not installed
+        return False
+    original = ResourceManager.get_global_limits
+    if getattr(original, "chatforge_patched", False):
+        return True
+    if not hasattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S"):
+        logger.debug("Ray Data's ResourceManager has no limits cache here; not patched")
+        return False
+
+    def get_global_limits(self):
+        limits = original(self)
+        if not (limits.cpu or limits.gpu or limits.object_store_memory):
+            self._global_limits_last_update_time = 0  # not an answer yet: ask again next time
+        return limits
+
+    get_global_limits.chatforge_patched = True
+    get_global_limits.chatforge_original = original
+    ResourceManager.get_global_limits = get_global_limits
+    return True
 
 
 class RayConnectError(RuntimeError):
@@ -28,6 +64,7 @@ def init_ray(spec: RaySpec) -> None:
     """
     import ray
 
+    fix_ray_data_first_limits()
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

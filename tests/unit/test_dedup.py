@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from datasketch import MinHash
 
 from chatforge.config import DedupSpec
@@ -23,6 +24,7 @@ from chatforge.data.dedup import (
     KeyRows,
     apply_marks,
     band_keys,
+    bands_per_shuffle,
     estimated_jaccard,
     exact_key,
     merge_marks,
@@ -32,6 +34,7 @@ from chatforge.data.dedup import (
     sketch,
     sketch_jaccard,
     smallest_per_key,
+    staged_column_bytes,
     verified_edges,
 )
 from chatforge.data.schema import BASE_SCHEMA, STAGE_SECONDS_COLUMN
@@ -261,3 +264,30 @@ def test_importing_dedup_leaves_datasketch_and_scipy_to_the_signature_pass():
     code = "import sys, chatforge.data.dedup; print(sorted(m for m in ('datasketch', 'scipy') if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+def test_shuffle_partitions_follow_the_data_unless_configured():
+    assert components.partitions_for(0) == 1
+    assert components.partitions_for(components.PARTITION_BYTES) == 1
+    assert components.partitions_for(components.PARTITION_BYTES + 1) == 2
+    assert components.partitions_for(10 * components.PARTITION_BYTES) == 10
+    assert components.partitions_for(10 * components.PARTITION_BYTES, configured=3) == 3
+
+
+def test_bands_share_a_shuffle_while_they_fit_the_budget():
+    assert bands_per_shuffle(16, band_bytes=10, budget=1000) == 16
+    assert bands_per_shuffle(16, band_bytes=100, budget=1000) == 10
+    assert bands_per_shuffle(16, band_bytes=5000, budget=1000) == 1
+    assert bands_per_shuffle(16, band_bytes=0, budget=1000) == 16
+
+
+def test_staged_column_bytes_reads_rows_and_sizes_from_the_footers(tmp_path):
+    # Distinct values, as staged rows are: the footer counts encoded bytes, and repeats would dictionary-encode.
+    small = pa.table({"row": [f"a{i}" for i in range(10)], "text": [f"{i:010d}" for i in range(10)]})
+    large = pa.table({"row": [f"b{i}" for i in range(30)], "text": [f"{i:01000d}" for i in range(30)]})
+    pq.write_table(small, tmp_path / "0.parquet")
+    pq.write_table(large, tmp_path / "1.parquet", row_group_size=10)
+    rows, sizes = staged_column_bytes([str(tmp_path / "0.parquet"), str(tmp_path / "1.parquet")], ["text", "gone"])
+    assert rows == 40
+    assert sizes["gone"] == 0
+    assert 30 * 1000 <= sizes["text"] < 2 * (30 * 1000 + 10 * 10)

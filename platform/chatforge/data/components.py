@@ -22,6 +22,7 @@ settle in about as many rounds as its diameter.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -34,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 ADJACENT, MESSAGE, LABEL = 0, 1, 2
 
+# A shuffle gets one hash partition per this many bytes of input (dedup's shuffles too): each partition is a reduce task,
+# and on its first use a worker, however little it holds, so a small graph or corpus gets few, a large one many.
+PARTITION_BYTES = 64 << 20
+
 WORK_SCHEMA = pa.schema([("node", pa.string()), ("other", pa.string()), ("kind", pa.int8())])
 
 
@@ -42,6 +47,11 @@ class Components:
     labels: Dataset  # columns node, label
     rounds: int
     converged: bool
+
+
+def partitions_for(nbytes: int, configured: int | None = None) -> int:
+    """Hash partitions for a shuffle of ``nbytes``: ``configured`` when set, else one per ``PARTITION_BYTES``."""
+    return configured or max(1, math.ceil(nbytes / PARTITION_BYTES))
 
 
 def without_empty_blocks(ds: Dataset) -> Dataset:
@@ -95,12 +105,13 @@ def propagate_labels(block: pa.Table) -> pa.Table:
     return pa.concat_tables([_work_rows(nodes, label, LABEL), _work_rows(outgoing["other"], sent_label, MESSAGE)])
 
 
-def connected_components(edges: Dataset, num_partitions: int, max_iterations: int) -> Components:
+def connected_components(edges: Dataset, num_partitions: int | None, max_iterations: int) -> Components:
     """Label every node of the graph ``edges`` (a Dataset of ``src, dst`` strings) with its component's smallest id.
 
     Nodes are only those that appear in an edge. If ``max_iterations`` rounds pass before the labels settle,
     the labels are still node ids of the same component (each no larger than the node's own id), but a component
-    may keep more than one label; a warning says so.
+    may keep more than one label; a warning says so. ``num_partitions`` None sizes each round's shuffle by its
+    input (`partitions_for`).
     """
     adjacency = without_empty_blocks(edges.map_batches(adjacency_rows, batch_format="pyarrow").materialize())
     if adjacency.count() == 0:
@@ -110,9 +121,10 @@ def connected_components(edges: Dataset, num_partitions: int, max_iterations: in
     while rounds < max_iterations:
         rounds += 1
         # Materialized each round: the next round reads it, and the counts below come from its block metadata.
+        size = adjacency.size_bytes() + (0 if state is None else state.size_bytes())
         state = without_empty_blocks(
             (adjacency if state is None else adjacency.union(state))
-            .repartition(num_partitions, keys=["node"])
+            .repartition(partitions_for(size, num_partitions), keys=["node"])
             .map_batches(propagate_labels, batch_format="pyarrow", batch_size=None)
             .materialize()
         )

@@ -12,7 +12,7 @@ driver-side set of hashes or edges, no per-group Python ``map_groups``):
 2. the key columns are read back (row, hash, signature) and hash-partitioned by hash; each block links every copy
    to the smallest row of its hash (exact edges) and passes the representatives on;
 3. representatives explode to one row per LSH band (band key, row, a 4-bit-per-slot sketch of the signature),
-   hash-partitioned by band key (a few bands per shuffle); each block verifies the pairs sharing a bucket by
+   hash-partitioned by band key (as many bands per shuffle as fit a fixed byte budget); each block verifies the pairs sharing a bucket by
    estimated Jaccard;
 4. connected components over exact + near edges (`chatforge.data.components`) label each row with its group's
    smallest row, so chains a~b~c end as one group and exact copies point at the row their group keeps;
@@ -43,9 +43,8 @@ from ray.data import Dataset
 from ray.data.expressions import col
 
 from chatforge.config import DedupSpec
-from chatforge.data.components import connected_components
+from chatforge.data.components import connected_components, partitions_for
 from chatforge.data.schema import STAGE_SECONDS_COLUMN, STAGE_SECONDS_TYPE
-from chatforge.runtime import cluster_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +66,10 @@ _MARK_SCHEMA = pa.schema([(ROW, pa.string()), (LABEL, pa.string()), (EXACT, pa.b
 _MAX_HASH = np.uint32(0xFFFFFFFF)
 _SHINGLE_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: shingle hash = polynomial in word hashes
 _BAND_MULTIPLIER = np.uint64(0x100000001B3)  # FNV-1a's prime, to mix the values of a band into one key
-_SHINGLES_PER_CHUNK = 1 << 16
-BANDS_PER_SHUFFLE = 8  # LSH bands whose rows share one shuffle (see DedupStep._marks)  # bounds the (num_perm x shingles) matrix of one chunk to num_perm * 256 KiB
+_SHINGLES_PER_CHUNK = 1 << 16  # bounds the (num_perm x shingles) matrix of one chunk to num_perm * 256 KiB
+# The band rows (one per row per LSH band) are the largest thing dedup moves; bands go through the shuffle in groups
+# of about this many bytes, each group's edges materialized before the next (see DedupStep._marks).
+BAND_SHUFFLE_BYTES = 256 << 20
 
 
 # ---------------------------------------------------------------- normalized text and the exact key
@@ -462,8 +463,24 @@ def read_staged(paths: list[str], columns: list[str]) -> Dataset:
     )
 
 
-def default_num_partitions() -> int:
-    return max(2, 2 * int(cluster_cpus()))
+def staged_column_bytes(paths: Sequence[str], columns: Sequence[str]) -> tuple[int, dict[str, int]]:
+    """Rows, and the uncompressed bytes of each named column, of staged Parquet files, from their footers alone."""
+    rows, sizes = 0, dict.fromkeys(columns, 0)
+    for path in paths:
+        metadata = pq.read_metadata(path)
+        rows += metadata.num_rows
+        for i in range(metadata.num_columns):
+            name = metadata.schema.column(i).path.split(".", 1)[0]
+            if name in sizes:
+                sizes[name] += sum(
+                    metadata.row_group(g).column(i).total_uncompressed_size for g in range(metadata.num_row_groups)
+                )
+    return rows, sizes
+
+
+def bands_per_shuffle(bands: int, band_bytes: int, budget: int = BAND_SHUFFLE_BYTES) -> int:
+    """How many LSH bands share one shuffle: as many as fit ``budget`` at ``band_bytes`` a band, at least one."""
+    return max(1, min(bands, budget // max(band_bytes, 1)))
 
 
 @dataclass(frozen=True)
@@ -489,7 +506,7 @@ class DedupStep:
             return ds.map_batches(no_duplicates, batch_format="pyarrow")
         row_columns = [name for name in pq.read_schema(os.path.join(staged, files[0])).names if name not in (HASH, SIG)]
         paths = [os.path.join(staged, name) for name in files]
-        marks = self._marks(read_staged(paths, [ROW, HASH, SIG]), spec)
+        marks = self._marks(read_staged(paths, [ROW, HASH, SIG]), spec, *staged_column_bytes(paths, [ROW, HASH, SIG]))
         mark_blocks = [
             entry.ref
             for bundle in marks.materialize().iter_internal_ref_bundles()
@@ -499,11 +516,16 @@ class DedupStep:
         return read_staged(paths, row_columns).map_batches(ApplyMarks(mark_blocks), batch_format="pyarrow")
 
     @staticmethod
-    def _marks(keys: Dataset, spec: DedupSpec) -> Dataset:
-        """Key rows (row, hash, signature) -> marks (row, label, exact), one per duplicate (two for some)."""
-        partitions = spec.num_partitions or default_num_partitions()
+    def _marks(keys: Dataset, spec: DedupSpec, rows: int, column_bytes: dict[str, int]) -> Dataset:
+        """Key rows (row, hash, signature) -> marks (row, label, exact), one per duplicate (two for some).
+
+        ``rows`` and ``column_bytes`` (of the key columns, staged) size the shuffles: one hash partition per
+        `PARTITION_BYTES` unless ``dedup.num_partitions`` is set, and as many bands per shuffle as fit
+        `BAND_SHUFFLE_BYTES`. A 30k-conversation corpus then shuffles in one partition, not one per CPU: each
+        partition is a reduce task (and, the first time, a worker start) however little it holds."""
         keys = keys.filter(expr=col(HASH).is_not_null())
         if spec.exact:
+            partitions = partitions_for(sum(column_bytes.values()), spec.num_partitions)
             keys = keys.repartition(partitions, keys=[HASH]).map_batches(
                 exact_block, batch_format="pyarrow", batch_size=None
             )
@@ -515,12 +537,14 @@ class DedupStep:
         )
         if not spec.near:
             return exact_edges.map_batches(functools.partial(exact_marks, with_label=True), batch_format="pyarrow")
-        # Bands go through the shuffle a few at a time, each group's edges materialized before the next: the band rows
-        # (one per row per band) are the largest thing dedup moves, and this bounds how many exist at once.
+        # A band row: the row key, an 8-byte bucket key and a half-byte per signature slot (plus Arrow's offsets).
+        band_bytes = column_bytes[ROW] + rows * (8 + 4 + 4 + spec.num_perm // 2)
+        group = bands_per_shuffle(spec.bands, band_bytes)
+        partitions = partitions_for(group * band_bytes, spec.num_partitions)
         representatives = keys.filter(expr=col(REP).is_null() & col(SIG).is_not_null())
         near_edges = []
-        for first in range(0, spec.bands, BANDS_PER_SHUFFLE):
-            band_fn = functools.partial(band_rows, bands=spec.bands, first=first, last=first + BANDS_PER_SHUFFLE)
+        for first in range(0, spec.bands, group):
+            band_fn = functools.partial(band_rows, bands=spec.bands, first=first, last=first + group)
             verify = functools.partial(near_block, threshold=spec.threshold, num_perm=spec.num_perm)
             near_edges.append(
                 representatives.map_batches(band_fn, batch_format="pyarrow")
@@ -528,7 +552,7 @@ class DedupStep:
                 .map_batches(verify, batch_format="pyarrow", batch_size=None)
                 .materialize()
             )
-        components = connected_components(exact_edges.union(*near_edges), partitions, spec.max_iterations)
+        components = connected_components(exact_edges.union(*near_edges), spec.num_partitions, spec.max_iterations)
         logger.info("dedup: connected components took %d rounds", components.rounds)
         return components.labels.map_batches(near_marks, batch_format="pyarrow").union(
             exact_edges.map_batches(functools.partial(exact_marks, with_label=False), batch_format="pyarrow")

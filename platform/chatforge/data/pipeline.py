@@ -37,6 +37,7 @@ from chatforge.data.schema import STAGE_SECONDS_COLUMN, apply_steps
 from chatforge.data.sources import list_files, read_source
 from chatforge.data.split import SplitStep
 from chatforge.data.toxicity import ToxicityStep
+from chatforge.runtime import fix_ray_data_first_limits
 
 STEPS = {
     "normalize": NormalizeStep,
@@ -223,6 +224,7 @@ def _toxicity_summary(stats: dict[str, Any]) -> dict[str, Any]:
 
 def run_curation(spec: Spec) -> CurationResult:
     """Curate per ``spec.curate`` into ``spec.curate.output``; Ray must already be initialised."""
+    fix_ray_data_first_limits()
     curate = spec.curate
     output = os.path.abspath(curate.output)
     started = time.perf_counter()
