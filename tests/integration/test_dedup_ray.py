@@ -164,5 +164,22 @@ def test_components_label_a_chain_when_the_edges_hold_empty_blocks(ray_local):
     )
     cleaned = without_empty_blocks(edges.materialize())
     assert cleaned.num_blocks() == 2 and cleaned.count() == 2
-    labels = connected_components(edges, num_partitions=3, max_iterations=10).labels.take_all()
-    assert {row["node"]: row["label"] for row in labels} == {"a": "a", "b": "a", "c": "a"}
+    for partitions in (1, 3):  # one partition takes the split repartition, more the keyed shuffle
+        labels = connected_components(edges, num_partitions=partitions, max_iterations=10).labels.take_all()
+        assert {row["node"]: row["label"] for row in labels} == {"a": "a", "b": "a", "c": "a"}
+
+
+def test_hash_partitions_hold_each_key_whole_and_one_partition_needs_no_keyed_shuffle(ray_local):
+    from chatforge.data.components import hash_partitioned
+
+    ds = ray_local.data.from_items([{"key": i % 7, "value": i} for i in range(200)], override_num_blocks=5)
+    for partitions in (1, 3):
+        parted = hash_partitioned(ds, "key", partitions).materialize()
+        blocks = [ray_local.get(entry.ref) for bundle in parted.iter_internal_ref_bundles() for entry in bundle.blocks]
+        blocks = [block for block in blocks if block.num_rows]
+        assert sum(block.num_rows for block in blocks) == 200
+        assert len(blocks) <= partitions
+        owners = [frozenset(block["key"].to_pylist()) for block in blocks]
+        assert sum(len(keys) for keys in owners) == 7  # no key in two blocks
+        # The keyed shuffle starts worker pools of its own; one partition must not pay for them.
+        assert ("HashShuffle" in parted.stats()) == (partitions > 1)

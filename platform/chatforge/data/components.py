@@ -54,6 +54,19 @@ def partitions_for(nbytes: int, configured: int | None = None) -> int:
     return configured or max(1, math.ceil(nbytes / PARTITION_BYTES))
 
 
+def hash_partitioned(ds: Dataset, key: str, partitions: int) -> Dataset:
+    """``ds`` in ``partitions`` blocks, every row with the same ``key`` in the same block.
+
+    One partition is one block of all the rows, which needs no hashing: Ray Data's split repartition runs as plain
+    tasks in the common worker pool. Its keyed shuffle runs map and reduce tasks in worker pools of their own (Ray
+    Data 2.60 gives them a runtime env each), whose first use starts a worker per pool, one after the other: ~4 s
+    of a 2-CPU run's dedup with the cores mostly idle, for a shuffle of a few MiB (docs/benchmarks.md).
+    """
+    if partitions == 1:
+        return ds.repartition(1)
+    return ds.repartition(partitions, keys=[key])
+
+
 def without_empty_blocks(ds: Dataset) -> Dataset:
     """A materialized ``ds`` without its empty blocks (free: it only drops references).
 
@@ -122,9 +135,9 @@ def connected_components(edges: Dataset, num_partitions: int | None, max_iterati
         rounds += 1
         # Materialized each round: the next round reads it, and the counts below come from its block metadata.
         size = adjacency.size_bytes() + (0 if state is None else state.size_bytes())
+        work = adjacency if state is None else adjacency.union(state)
         state = without_empty_blocks(
-            (adjacency if state is None else adjacency.union(state))
-            .repartition(partitions_for(size, num_partitions), keys=["node"])
+            hash_partitioned(work, "node", partitions_for(size, num_partitions))
             .map_batches(propagate_labels, batch_format="pyarrow", batch_size=None)
             .materialize()
         )

@@ -43,7 +43,7 @@ from ray.data import Dataset
 from ray.data.expressions import col
 
 from chatforge.config import DedupSpec
-from chatforge.data.components import connected_components, partitions_for
+from chatforge.data.components import connected_components, hash_partitioned, partitions_for
 from chatforge.data.schema import STAGE_SECONDS_COLUMN, STAGE_SECONDS_TYPE
 
 logger = logging.getLogger(__name__)
@@ -526,7 +526,7 @@ class DedupStep:
         keys = keys.filter(expr=col(HASH).is_not_null())
         if spec.exact:
             partitions = partitions_for(sum(column_bytes.values()), spec.num_partitions)
-            keys = keys.repartition(partitions, keys=[HASH]).map_batches(
+            keys = hash_partitioned(keys, HASH, partitions).map_batches(
                 exact_block, batch_format="pyarrow", batch_size=None
             )
         else:
@@ -546,9 +546,9 @@ class DedupStep:
         for first in range(0, spec.bands, group):
             band_fn = functools.partial(band_rows, bands=spec.bands, first=first, last=first + group)
             verify = functools.partial(near_block, threshold=spec.threshold, num_perm=spec.num_perm)
+            bands = representatives.map_batches(band_fn, batch_format="pyarrow")
             near_edges.append(
-                representatives.map_batches(band_fn, batch_format="pyarrow")
-                .repartition(partitions, keys=[BAND])
+                hash_partitioned(bands, BAND, partitions)
                 .map_batches(verify, batch_format="pyarrow", batch_size=None)
                 .materialize()
             )
