@@ -109,10 +109,18 @@ class ToxicitySpec(Strict):
     assistant_policy: Literal["drop", "flag"] = "drop"
     user_policy: Literal["drop", "flag", "ignore"] = "flag"
     batch_size: int = Field(256, ge=1)
-    concurrency: int | None = Field(
-        None, ge=1, description="scorer actors; null: one per num_cpus CPUs of the cluster, down to 1 when idle"
+    compute: Literal["auto", "tasks", "actors"] = Field(
+        "auto",
+        description="tasks: scoring runs in the map tasks around it, each worker process loading the model once; "
+        "actors: a pool of scorer actors, each loading it once; auto: tasks for profanity, actors for detoxify",
     )
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per scorer actor")
+    concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="scorers at once (actors or tasks); null: actors, one per num_cpus CPUs of the cluster, down to "
+        "1 when idle; tasks, as many as the CPUs allow",
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per scorer actor or task")
 
 
 class AugmentSpec(Strict):

@@ -1,4 +1,4 @@
-"""ToxicityStep on a local Ray: an actor pool per backend adds the typed columns and marks the toxic rows."""
+"""ToxicityStep on a local Ray: map tasks or an actor pool, per backend, add the typed columns and mark the toxic rows."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def conversation(record_id: str, user: str, assistant: str, drop_reason: str | N
 
 
 def run_step(ray, records: list[dict], spec: ToxicitySpec) -> tuple[pa.Schema, dict[str, dict]]:
-    # Several blocks and batches, so rows really travel through the actor pool in pieces.
+    # Several blocks and batches, so rows really travel through the tasks or the actor pool in pieces.
     ds = ray.data.from_arrow(records_to_table(records, BASE_SCHEMA)).repartition(3)
     tables = ray.get(ToxicityStep(spec)(ds).to_arrow_refs())
     schema = tables[0].schema
@@ -55,7 +55,8 @@ def check_common(schema: pa.Schema, rows: dict[str, dict]) -> None:
     assert toxic_user["toxicity_user"] > clean["toxicity_user"]
 
 
-def test_profanity_backend(ray_local):
+@pytest.mark.parametrize("compute", ["tasks", "actors"])
+def test_profanity_backend(ray_local, compute):
     insult = "you are a fucking idiot, shut up"
     records = [
         conversation("clean", "what time is it?", "it is five o'clock, have a nice day"),
@@ -63,7 +64,7 @@ def test_profanity_backend(ray_local):
         conversation("toxic-user", insult, "I'm sorry you feel that way. How can I help?"),
         conversation("earlier", insult, insult, drop_reason="dedup"),
     ] + [conversation(f"filler-{i}", f"question {i}", f"answer number {i}") for i in range(6)]
-    spec = ToxicitySpec(backend="profanity", batch_size=3, num_cpus=0.5)
+    spec = ToxicitySpec(backend="profanity", batch_size=3, num_cpus=0.5, compute=compute)
     schema, rows = run_step(ray_local, records, spec)
     check_common(schema, rows)
     assert sum(r["drop_reason"] is None for r in rows.values()) == 8
@@ -97,7 +98,7 @@ def test_the_pool_runs_apart_from_the_maps_before_it(ray_local):
     records = [conversation(f"row-{i}", f"question {i}", f"answer {i}") for i in range(12)]
     ds = ray_local.data.from_arrow(records_to_table(records, BASE_SCHEMA)).repartition(3)
     ds = ds.map_batches(lambda table: table, batch_format="pyarrow", num_cpus=0)
-    out = ToxicityStep(ToxicitySpec(backend="profanity", batch_size=4))(ds).materialize()
+    out = ToxicityStep(ToxicitySpec(backend="profanity", batch_size=4, compute="actors"))(ds).materialize()
     stats = out.stats()
     assert out.count() == len(records)
     assert "MapBatches(ToxicityActor)" in stats
@@ -118,6 +119,23 @@ def test_the_pool_grows_to_one_scorer_per_cpu_unless_sized(ray_local):
     before = scorers_started()
     records = [conversation(f"row-{i}", f"question {i}", f"answer {i}") for i in range(40)]
     ds = ray_local.data.from_arrow(records_to_table(records, BASE_SCHEMA)).repartition(8)
-    out = ToxicityStep(ToxicitySpec(backend="profanity", batch_size=5))(ds).materialize()
+    out = ToxicityStep(ToxicitySpec(backend="profanity", batch_size=5, compute="actors"))(ds).materialize()
     assert out.count() == len(records)
     assert scorers_started() - before == 2
+
+
+def test_scoring_tasks_fuse_with_the_map_before_them_one_task_per_block(ray_local):
+    # As tasks, scoring runs inside the map before it (dedup's staged-file reads in the pipeline), one task per
+    # block of that map: scorer batches of `batch_size` rows must not make Ray Data bundle its blocks into one task.
+    records = [conversation(f"row-{i}", f"question {i}", f"answer {i}") for i in range(12)]
+    table = records_to_table(records, BASE_SCHEMA)
+    ds = ray_local.data.from_items([{"part": i} for i in range(4)], override_num_blocks=4)
+    ds = ds.map_batches(
+        lambda batch: table.slice(3 * batch["part"][0].as_py(), 3), batch_size=1, batch_format="pyarrow"
+    )
+    out = ToxicityStep(ToxicitySpec(backend="profanity", batch_size=256))(ds).materialize()
+    stats = out.stats()
+    assert out.count() == len(records)
+    assert "->MapBatches(score_table)" in stats
+    fused = next(line for line in stats.splitlines() if "->MapBatches(score_table)" in line)
+    assert "4 tasks executed" in fused

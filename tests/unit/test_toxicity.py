@@ -223,3 +223,35 @@ def test_detoxify_refuses_a_checkpoint_that_would_run_code(tiny_detoxify, tmp_pa
 def test_detoxify_unknown_checkpoint_names_the_choices(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a file nor a published detoxify model.*original"):
         DetoxifyScorer(str(tmp_path / "missing.ckpt"))
+
+
+def test_score_table_loads_the_scorer_once_per_process_and_scores_in_batches(monkeypatch):
+    from chatforge.data import toxicity
+    from chatforge.data.schema import BASE_SCHEMA, records_to_table
+
+    scorer = FixedScorer(SCORES)
+    builds = []
+    monkeypatch.setattr(toxicity, "_process_scorers", {})
+    monkeypatch.setattr(toxicity, "build_scorer", lambda spec: builds.append(spec) or scorer)
+    spec = ToxicitySpec(batch_size=3)
+    records = [conversation(f"r{i}", ("user", f"q{i}"), ("assistant", TOXIC if i == 4 else "meh")) for i in range(7)]
+    table = records_to_table(records, BASE_SCHEMA)
+
+    first = toxicity.score_table(table, spec)
+    second = toxicity.score_table(table.slice(0, 2), spec)
+    assert len(builds) == 1  # the second batch found the first one's scorer
+    assert [len(call) for call in scorer.calls] == [6, 6, 2, 4]  # 3 + 3 + 1 rows, two turns each; then 2 rows
+    assert first["id"].to_pylist() == [f"r{i}" for i in range(7)]
+    assert first["drop_reason"].to_pylist() == [None] * 4 + ["toxic_assistant"] + [None] * 2
+    assert second.num_rows == 2
+    toxicity.score_table(table.slice(0, 1), ToxicitySpec(batch_size=3, threshold=0.2))  # another spec, another scorer
+    assert len(builds) == 2
+
+
+def test_compute_auto_scores_profanity_in_tasks_and_detoxify_on_actors():
+    from chatforge.data.toxicity import uses_tasks
+
+    assert uses_tasks(ToxicitySpec())
+    assert not uses_tasks(ToxicitySpec(backend="detoxify"))
+    assert not uses_tasks(ToxicitySpec(compute="actors"))
+    assert uses_tasks(ToxicitySpec(backend="detoxify", compute="tasks"))
