@@ -70,6 +70,9 @@ _SHINGLES_PER_CHUNK = 1 << 16  # bounds the (num_perm x shingles) matrix of one 
 # The band rows (one per row per LSH band) are the largest thing dedup moves; bands go through the shuffle in groups
 # of about this many bytes, each group's edges materialized before the next (see DedupStep._marks).
 BAND_SHUFFLE_BYTES = 256 << 20
+# Rows per staged file. The final pass reads one file per task and runs every step after dedup on it, so this bounds
+# that task's memory whatever the size of the read range the rows came from.
+STAGED_FILE_ROWS = 8192
 
 
 # ---------------------------------------------------------------- normalized text and the exact key
@@ -500,7 +503,7 @@ class DedupStep:
             return ds.map_batches(no_duplicates, batch_format="pyarrow")
         staged = tempfile.mkdtemp(prefix="dedup-", dir=self.workdir)
         # The one pass over everything upstream (read, filters, pii, ...): the rows go to disk with their keys.
-        ds.map_batches(KeyRows(spec), batch_format="pyarrow").write_parquet(staged)
+        ds.map_batches(KeyRows(spec), batch_format="pyarrow").write_parquet(staged, max_rows_per_file=STAGED_FILE_ROWS)
         files = sorted(name for name in os.listdir(staged) if name.endswith(".parquet"))
         if not files:
             return ds.map_batches(no_duplicates, batch_format="pyarrow")
