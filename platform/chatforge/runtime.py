@@ -19,8 +19,9 @@ def fix_ray_data_first_limits() -> bool:
     limits of zero CPUs and keeps them for a second (``GLOBAL_LIMITS_UPDATE_INTERVAL_S``), so every execution runs
     one task (the one its liveness rule lets through) until then: on a 2-CPU Ray, four 2 s tasks took 5.3 s instead
     of 4. Patched: limits that are all zero (no CPU, GPU nor object store, which no real cluster has) are not kept,
-    so the next scheduling step asks again, by which time the coordinator has answered. Idempotent; a no-op (with a
-    debug line) when Ray Data's internals are not as expected. Returns whether the patch is in place."""
+    so the next scheduling step asks again, and until the coordinator answers (its actor starts during a job's first
+    execution, ~1 s) the limits come from the whole cluster (`_cluster_limits`). Idempotent; a no-op (with a debug
+    line) when Ray Data's internals are not as expected. Returns whether the patch is in place."""
     try:
         from ray.data._internal.execution.resource_manager import ResourceManager
     except ImportError:  # pragma: no cover - Ray Data not installed
@@ -36,12 +37,32 @@ def fix_ray_data_first_limits() -> bool:
         limits = original(self)
         if not (limits.cpu or limits.gpu or limits.object_store_memory):
             self._global_limits_last_update_time = 0  # not an answer yet: ask again next time
+            fallback = _cluster_limits(self)
+            if fallback is not None:
+                return fallback
         return limits
 
     get_global_limits.chatforge_patched = True
     get_global_limits.chatforge_original = original
     ResourceManager.get_global_limits = get_global_limits
     return True
+
+
+def _cluster_limits(manager):
+    """A resource manager's limits computed from the whole cluster (``ray.cluster_resources()``), as Ray Data did
+    before its autoscaling coordinator, while the coordinator has not answered yet (its actor is still starting
+    during the first execution of a job); None without a connected Ray."""
+    import ray
+    from ray.data._internal.execution.interfaces import ExecutionResources
+
+    if not ray.is_initialized():
+        return None
+    total = ExecutionResources.from_resource_dict(ray.cluster_resources())
+    total = total.copy(
+        object_store_memory=(total.object_store_memory or 0) * manager._object_store_memory_limit_fraction
+    )
+    options = manager._options
+    return options.resource_limits.min(total).subtract(options.exclude_resources).max(ExecutionResources.zero())
 
 
 class RayConnectError(RuntimeError):

@@ -55,3 +55,17 @@ def test_with_the_fix_the_next_scheduling_step_sees_the_cluster():
     assert rm.get_global_limits().cpu == 0
     assert rm.get_global_limits().cpu == 2 and cluster.calls == 2
     assert rm.get_global_limits().cpu == 2 and cluster.calls == 2  # a real answer is cached as before
+
+
+def test_with_the_fix_a_connected_driver_schedules_on_the_whole_cluster_until_the_coordinator_answers(monkeypatch):
+    """In a job's first execution the coordinator's actor is still starting; the limits come from the cluster."""
+    import ray
+
+    assert fix_ray_data_first_limits()
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0, "object_store_memory": 4e9})
+    cluster = Cluster()
+    rm = manager(cluster)
+    first = rm.get_global_limits()
+    assert (first.cpu, first.gpu) == (8, 1) and 0 < first.object_store_memory <= 4e9
+    assert rm.get_global_limits().cpu == 2 and cluster.calls == 2  # the coordinator's answer wins once it comes
