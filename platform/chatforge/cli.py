@@ -251,7 +251,7 @@ def smoke_check(url: str, spec) -> list[dict]:
 
 
 def check_table(results: list[dict]) -> Table:
-    table = Table(title=f"check: {CHECK_QUESTION!r} to each variant, each answer rated +1")
+    table = Table(title="serve check")
     for column in ("variant", "answer", "finish", "tokens", "feedback stored"):
         table.add_column(column)
     for r in results:
@@ -322,7 +322,10 @@ def serve(
             soft_wrap=True,
         )
         if check:
-            console.print(check_table(smoke_check(url, serve_spec)))
+            results = smoke_check(url, serve_spec)
+            # Not the table's title: a title wraps to the table's width, which follows the answers' length.
+            console.print(f"check: {CHECK_QUESTION!r} to each variant, each answer rated +1", soft_wrap=True)
+            console.print(check_table(results))
         else:
             while not stop.wait(0.5):
                 pass
