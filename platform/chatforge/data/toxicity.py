@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
 import warnings
 from collections import defaultdict
@@ -34,6 +35,8 @@ import pyarrow as pa
 from chatforge.config import ToxicitySpec
 from chatforge.data.schema import Record, RecordBatchFn, is_kept, mark_dropped
 from chatforge.runtime import cluster_cpus
+
+logger = logging.getLogger(__name__)
 
 TOXICITY_LABEL = "toxicity"
 SCORED_ROLES = ("user", "assistant")
@@ -62,32 +65,44 @@ class ProfanityScorer:
     """The offline default: alt-profanity-check's TF-IDF + calibrated linear model, shipped inside its wheel.
 
     It knows profanity and insults, not subtler toxicity (threats, identity attacks without slurs); use detoxify
-    for production data.
+    for production data. The model is read from the package's files without scikit-learn (`profanity_model`:
+    ~0.3 s per process instead of ~1.9 s, the same scores); a package whose model is of another kind is used
+    through its own `predict_prob`.
     """
 
     labels = (TOXICITY_LABEL,)
 
     def __init__(self) -> None:
-        from sklearn.exceptions import InconsistentVersionWarning
+        from chatforge.data.profanity_model import UnsupportedModel, load_linear_model
 
-        # The package unpickles its model at import; a scikit-learn newer than the one that pickled it warns on
-        # every worker. The warning alone proves nothing either way, so silence it and check the model below.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", InconsistentVersionWarning)
-            from profanity_check import predict_prob
-
-        self._predict_prob = predict_prob
+        try:
+            self._predict_prob = load_linear_model().predict_prob
+        except UnsupportedModel as why:
+            logger.warning("alt-profanity-check's model is read through scikit-learn (%s)", why)
+            self._predict_prob = _package_predict_prob()
         rude, polite = self._predict_prob(["you are a fucking idiot", "thank you, have a nice day"])
         if not rude > 0.5 > polite:
             raise RuntimeError(
-                "alt-profanity-check's model does not work with the installed scikit-learn "
-                f"(insult {rude:.2f}, polite {polite:.2f}); install the scikit-learn version it was built with"
+                "alt-profanity-check's model does not score as it should "
+                f"(insult {rude:.2f}, polite {polite:.2f}); reinstall the package (pip install alt-profanity-check)"
             )
 
     def score(self, texts: list[str]) -> list[dict[str, float]]:
         if not texts:
             return []
         return [{TOXICITY_LABEL: float(p)} for p in self._predict_prob(texts)]
+
+
+def _package_predict_prob():
+    """alt-profanity-check's own `predict_prob` (imports scikit-learn; the package unpickles its model then)."""
+    from sklearn.exceptions import InconsistentVersionWarning
+
+    # A scikit-learn newer than the one that pickled the model warns on every worker. The warning alone proves
+    # nothing either way, so silence it; the caller checks the model's answers.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InconsistentVersionWarning)
+        from profanity_check import predict_prob
+    return predict_prob
 
 
 class DetoxifyScorer:
