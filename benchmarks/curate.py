@@ -1,13 +1,13 @@
 """Curation throughput, CPU scaling and streaming memory: the Ray Data pipeline vs one process with the same functions.
 
-    .venv/bin/python benchmarks/curate.py --json          # 30k conversations; ~12 minutes on 2 cores
+    .venv/bin/python benchmarks/curate.py --json          # 30k conversations; ~15 minutes on 2 cores
 
 Generates a ShareGPT JSONL corpus of synthetic multi-turn conversations (with PII in 1 of 10 and a near-copy in
 1 of 25), then measures, in one run:
   (a) the Ray pipeline (`chatforge curate`, all default steps) at ray.num_cpus=2, and at 1 for the speed-up (the
       1-CPU run pinned to one core with sched_setaffinity, Ray's processes included, so that 2 cores are compared
-      with 1; ``--pairs`` back-to-back pairs of runs, the median of their ratios; the unpinned ray.num_cpus=1 run,
-      which still gets the second core for Ray's own processes, is reported as well);
+      with 1; ``--pairs`` (5) pairs of runs back to back, in alternating order, the median of their ratios; the
+      unpinned ray.num_cpus=1 run, which still gets the second core for Ray's own processes, is reported as well);
   (b) a single-process loop applying the same per-batch functions (parse, normalize, filters, PII, dedup with the
       same MinHash/LSH functions and an in-memory union-find, toxicity with the same scorer, augment, split, write);
   (c) the peak memory (PSS of the whole process tree, Ray's processes included) at 1x and 4x the input, in runs of
@@ -94,31 +94,42 @@ def run_ray(
     }
 
 
-def speedup_over_one_cpu(corpus: str, output: str, two_cpus: dict, pin_cores: set[int] | None, log) -> float | None:
-    """The pipeline's time at ``ray.num_cpus=1`` (pinned to ``pin_cores`` if given) over ``two_cpus``'s; None if the
-    1-CPU run failed (logged, so the other figures still come out)."""
+def paired_speedups(corpus: str, output: str, pairs: int, log) -> tuple[list[dict], list[float | None]]:
+    """``pairs`` times a 2-CPU run and a 1-CPU run pinned to one core, back to back; their ratio each time.
+
+    One pair's ratio moves by ±15% on these machines (their speed drifts within minutes), so the headline speed-up
+    is the median of the pairs' ratios, and the order alternates (2 then 1 CPU, 1 then 2, ...) so that a drift
+    across the run does not favour either side."""
+    two_cpu_runs, ratios = [], []
+    for pair in range(pairs):
+        one_first = pair % 2 == 1
+        one_cpu = run_one_cpu(corpus, os.path.join(output, f"ray1-{pair}"), {0}, log) if one_first else None
+        run = run_ray(corpus, os.path.join(output, f"ray2-{pair}"), 2)
+        log(f"ray 2 cpus: {run['manifest']['wall_seconds']:.1f}s pipeline, {run['wall_s']:.1f}s with start-up")
+        two_cpu_runs.append(run)
+        if not one_first:
+            one_cpu = run_one_cpu(corpus, os.path.join(output, f"ray1-{pair}"), {0}, log)
+        ratios.append(speedup_of(one_cpu, run))
+    return two_cpu_runs, ratios
+
+
+def run_one_cpu(corpus: str, output: str, pin_cores: set[int] | None, log) -> dict | None:
+    """The pipeline at ``ray.num_cpus=1`` (pinned to ``pin_cores`` if given); None if it failed (logged, so the
+    other figures still come out)."""
     try:
-        one_cpu = run_ray(corpus, output, 1, pin_cores=pin_cores)
+        run = run_ray(corpus, output, 1, pin_cores=pin_cores)
     except SystemExit as failure:
         log(str(failure))
         return None
     where = f"pinned to cores {sorted(pin_cores)}" if pin_cores else "all cores"
-    log(f"ray 1 cpu, {where}: {one_cpu['manifest']['wall_seconds']:.1f}s pipeline")
+    log(f"ray 1 cpu, {where}: {run['manifest']['wall_seconds']:.1f}s pipeline")
+    return run
+
+
+def speedup_of(one_cpu: dict | None, two_cpus: dict) -> float | None:
+    if one_cpu is None:
+        return None
     return round(one_cpu["manifest"]["wall_seconds"] / two_cpus["manifest"]["wall_seconds"], 3)
-
-
-def paired_speedups(corpus: str, output: str, pairs: int, log) -> tuple[list[dict], list[float | None]]:
-    """``pairs`` times: a 2-CPU run, then a 1-CPU run pinned to one core right after it; their ratio each time.
-
-    One pair's ratio moves by ±15% on these machines (two runs a minute apart differ by that much), so the headline
-    speed-up is the median of the pairs' ratios, each measured back to back."""
-    two_cpu_runs, ratios = [], []
-    for pair in range(pairs):
-        run = run_ray(corpus, os.path.join(output, f"ray2-{pair}"), 2)
-        log(f"ray 2 cpus: {run['manifest']['wall_seconds']:.1f}s pipeline, {run['wall_s']:.1f}s with start-up")
-        two_cpu_runs.append(run)
-        ratios.append(speedup_over_one_cpu(corpus, os.path.join(output, f"ray1-{pair}"), run, {0}, log))
-    return two_cpu_runs, ratios
 
 
 class PeakMemory:
@@ -240,7 +251,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=30_000, help="conversations in the 1x corpus")
     parser.add_argument("--json", action="store_true", help="print only the JSON result line")
     parser.add_argument("--skip-memory", action="store_true", help="skip the 4x memory run")
-    parser.add_argument("--pairs", type=int, default=3, help="2-CPU + pinned 1-CPU run pairs for the 1x speed-up")
+    parser.add_argument("--pairs", type=int, default=5, help="2-CPU + pinned 1-CPU run pairs for the 1x speed-up")
     args = parser.parse_args()
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
 
@@ -258,7 +269,7 @@ def main() -> None:
         ray2 = sorted(two_cpu_runs, key=lambda run: run["manifest"]["wall_seconds"])[len(two_cpu_runs) // 2]
         measured = [ratio for ratio in ratios if ratio is not None]
         speedup = round(float(np.median(measured)), 3) if len(measured) == len(ratios) else None
-        speedup_unpinned = speedup_over_one_cpu(corpus, os.path.join(tmp, "ray1u"), ray2, None, log)
+        speedup_unpinned = speedup_of(run_one_cpu(corpus, os.path.join(tmp, "ray1u"), None, log), ray2)
         result = {
             "benchmark": "curate",
             "conversations": args.n,
@@ -293,7 +304,9 @@ def main() -> None:
             result["ray_conversations_per_s_4x"] = round(4 * args.n / ray4["manifest"]["wall_seconds"], 1)
             # The speed-up again on the 4x input, where the fixed costs (actor starts, the driver's scheduling, the
             # shuffles' start-up) weigh less against the per-record work.
-            result["speedup_2cpu_vs_1cpu_4x"] = speedup_over_one_cpu(big, os.path.join(tmp, "ray4x1"), ray4, {0}, log)
+            result["speedup_2cpu_vs_1cpu_4x"] = speedup_of(
+                run_one_cpu(big, os.path.join(tmp, "ray4x1"), {0}, log), ray4
+            )
     print(json.dumps(result))
 
 

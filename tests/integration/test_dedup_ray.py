@@ -174,6 +174,26 @@ def test_components_label_a_chain_when_the_edges_hold_empty_blocks(ray_local):
         assert {row["node"]: row["label"] for row in labels} == {"a": "a", "b": "a", "c": "a"}
 
 
+def test_a_graph_that_fits_one_partition_settles_in_one_task(ray_local, monkeypatch, caplog):
+    from chatforge.data import components
+
+    def no_executions_per_round(*args):
+        raise AssertionError("a one-partition graph ran its rounds as Ray Data executions")
+
+    monkeypatch.setattr(components, "_rounds", no_executions_per_round)
+    edges = ray_local.data.from_items(
+        [{"src": s, "dst": d} for s, d in [("b", "a"), ("c", "b"), ("d", "c"), ("y", "x")]], override_num_blocks=2
+    )
+    result = components.connected_components(edges, num_partitions=None, max_iterations=10)
+    labels = {row["node"]: row["label"] for row in result.labels.take_all()}
+    assert labels == {"a": "a", "b": "a", "c": "a", "d": "a", "x": "x", "y": "x"}
+    assert (result.rounds, result.converged) == (4, True)
+    with caplog.at_level("WARNING", logger=components.__name__):
+        cut_short = components.connected_components(edges, num_partitions=None, max_iterations=2)
+    assert (cut_short.rounds, cut_short.converged) == (2, False)
+    assert "did not settle in 2 rounds" in caplog.text
+
+
 def test_hash_partitions_hold_each_key_whole_and_one_partition_needs_no_keyed_shuffle(ray_local):
     from chatforge.data.components import hash_partitioned
 

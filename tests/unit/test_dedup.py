@@ -235,27 +235,28 @@ def test_sketch_estimate_matches_the_full_signature():
 # ---------------------------------------------------------------- connected components, one block at a time
 
 
-def run_components(src: list[str], dst: list[str]) -> tuple[dict[str, str], int]:
+def run_components(src: list[str], dst: list[str], max_iterations: int = 10) -> tuple[dict[str, str], int, bool]:
     """Iterate `propagate_labels` on one block (what each round does per hash partition) until it settles."""
     adjacency = components.adjacency_rows(pa.table({"src": src, "dst": dst}))
-    state, rounds = None, 0
-    while True:
-        rounds += 1
-        state = components.propagate_labels(adjacency if state is None else pa.concat_tables([adjacency, state]))
-        if pc.sum(pc.equal(state["kind"], components.MESSAGE)).as_py() == 0:
-            break
+    state, rounds, settled = components.settle_block(adjacency, max_iterations)
     labels = state.filter(pc.equal(state["kind"], components.LABEL))
-    return dict(zip(labels["node"].to_pylist(), labels["other"].to_pylist(), strict=True)), rounds
+    return dict(zip(labels["node"].to_pylist(), labels["other"].to_pylist(), strict=True)), rounds, settled
 
 
 def test_label_propagation_joins_a_chain_and_keeps_components_apart():
-    labels, rounds = run_components(["b", "c", "d", "y"], ["a", "b", "c", "x"])  # a-b-c-d and x-y
+    labels, rounds, settled = run_components(["b", "c", "d", "y"], ["a", "b", "c", "x"])  # a-b-c-d and x-y
     assert labels == {"a": "a", "b": "a", "c": "a", "d": "a", "x": "x", "y": "x"}
-    assert rounds == 4  # diameter 3, plus the round that hears nothing new
+    assert rounds == 4 and settled  # diameter 3, plus the round that hears nothing new
+
+
+def test_label_propagation_stops_at_max_iterations_unsettled():
+    labels, rounds, settled = run_components(["b", "c", "d"], ["a", "b", "c"], max_iterations=2)
+    assert rounds == 2 and not settled
+    assert labels["b"] == "a" and labels["d"] != "a"  # the chain's far end has not heard of "a" yet
 
 
 def test_label_propagation_ignores_self_loops():
-    labels, _ = run_components(["a", "b"], ["a", "a"])
+    labels, _, _ = run_components(["a", "b"], ["a", "a"])
     assert labels == {"a": "a", "b": "a"}
 
 
