@@ -1,6 +1,9 @@
 import json
 
+import pytest
+
 from chatforge.config import AugmentSpec, FiltersSpec, NormalizeSpec, SplitSpec
+from chatforge.data import schema
 from chatforge.data.augment import augment_records, turn_slices
 from chatforge.data.filters import filter_reason, filter_records, role_order_problem
 from chatforge.data.normalize import normalize_text
@@ -133,3 +136,21 @@ def test_consecutive_record_steps_run_as_one_udf_with_the_same_result():
     assert strip(chained.table) == strip(one_by_one.table)
     assert {k for k, _ in chained.table[STAGE_SECONDS_COLUMN][0].as_py()} == {"normalize", "filters", "split"}
     assert chained.table["messages"][0].as_py()[0]["content"] == "hi there"
+
+
+def test_freed_heap_goes_back_to_the_os_after_a_batch():
+    if schema._malloc_trim() is None:
+        pytest.skip("not glibc: malloc_trim does not exist here")
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    # 64 KB strings live in malloc's heap (below its mmap threshold); freeing every other one leaves 64 MB of free
+    # pages in the middle of the heap, which glibc keeps until asked.
+    held = [bytes(64 * 1024 - 64) + bytes([i % 256]) * 32 for i in range(2048)]
+    del held[::2]
+    before = rss_mb()
+    schema.release_freed_heap()
+    assert before - rss_mb() > 32
+    assert len(held) == 1024

@@ -15,6 +15,9 @@ list of row dicts, so it is unit-testable without Ray.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import time
@@ -147,7 +150,30 @@ class RecordBatchFn:
             started = time.perf_counter()
             records = fn(records)
             add_stage_seconds(records, stage, time.perf_counter() - started)
-        return records_to_table(records, self.schema or with_columns(table.schema, self.adds))
+        out = records_to_table(records, self.schema or with_columns(table.schema, self.adds))
+        del records
+        release_freed_heap()
+        return out
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
+        return None
+
+
+def release_freed_heap() -> None:
+    """Hand the pages a batch's row dicts freed back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    A batch as row dicts is many small and mid-sized objects; freed, they leave glibc's heaps fragmented, and it
+    keeps those pages: after the 4x curation benchmark each idle worker still held ~250 MB of heap from the
+    staging pass, and idle workers were the largest part of the run's peak memory."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class RecordStep:
