@@ -78,10 +78,15 @@ def without_empty_blocks(ds: Dataset) -> Dataset:
     calling the UDF; one of them in a keyed shuffle's input makes the reduce fail to concatenate ("Schema at index 1
     was different"), seen on a 1-CPU Ray with 30k rows and again at 120k rows.
     """
-    refs = [
+    refs = block_refs(ds)
+    return ray.data.from_arrow_refs(refs) if refs else ray.data.from_arrow(WORK_SCHEMA.empty_table())
+
+
+def block_refs(ds: Dataset) -> list:
+    """The object refs of a materialized ``ds``'s blocks that hold rows."""
+    return [
         entry.ref for bundle in ds.iter_internal_ref_bundles() for entry in bundle.blocks if entry.metadata.num_rows
     ]
-    return ray.data.from_arrow_refs(refs) if refs else ray.data.from_arrow(WORK_SCHEMA.empty_table())
 
 
 def _work_rows(node, other, kind: int) -> pa.Table:
@@ -153,8 +158,7 @@ def connected_components(edges: Dataset, num_partitions: int | None, max_iterati
         return Components(labels=ray.data.from_arrow(empty), rounds=0, converged=True)
     if partitions_for(ONE_BLOCK_FACTOR * adjacency.size_bytes(), num_partitions) == 1:
         # Every round would be one block in one task: run them all in one task, not one Ray Data execution each.
-        blocks = [entry.ref for bundle in adjacency.iter_internal_ref_bundles() for entry in bundle.blocks]
-        state_ref, rounds_ref, converged_ref = _settle_blocks.remote(max_iterations, *blocks)
+        state_ref, rounds_ref, converged_ref = _settle_blocks.remote(max_iterations, *block_refs(adjacency))
         rounds, converged = ray.get([rounds_ref, converged_ref])
         state = ray.data.from_arrow_refs([state_ref])
         logger.info("connected components: %d rounds in one task", rounds)

@@ -43,7 +43,7 @@ from ray.data import Dataset
 from ray.data.expressions import col
 
 from chatforge.config import DedupSpec
-from chatforge.data.components import connected_components, hash_partitioned, partitions_for
+from chatforge.data.components import block_refs, connected_components, hash_partitioned, partitions_for
 from chatforge.data.schema import STAGE_SECONDS_COLUMN, STAGE_SECONDS_TYPE
 
 logger = logging.getLogger(__name__)
@@ -510,12 +510,7 @@ class DedupStep:
         row_columns = [name for name in pq.read_schema(os.path.join(staged, files[0])).names if name not in (HASH, SIG)]
         paths = [os.path.join(staged, name) for name in files]
         marks = self._marks(read_staged(paths, [ROW, HASH, SIG]), spec, *staged_column_bytes(paths, [ROW, HASH, SIG]))
-        mark_blocks = [
-            entry.ref
-            for bundle in marks.materialize().iter_internal_ref_bundles()
-            for entry in bundle.blocks
-            if entry.metadata.num_rows
-        ]
+        mark_blocks = block_refs(marks.materialize())
         return read_staged(paths, row_columns).map_batches(ApplyMarks(mark_blocks), batch_format="pyarrow")
 
     @staticmethod

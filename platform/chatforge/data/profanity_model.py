@@ -137,10 +137,9 @@ def load_linear_model(data_dir: str | None = None) -> LinearProfanityModel:
         "use_idf": True,
         "sublinear_tf": False,
     }
-    differs = {key: getattr(vectorizer, key, "<missing>") for key, want in expected.items()}
-    differs = {key: got for key, got in differs.items() if got != expected[key]}
+    differs = {key: got for key, want in expected.items() if (got := getattr(vectorizer, key, "<missing>")) != want}
     if type(vectorizer).__name__ != "TfidfVectorizer" or differs:
-        raise UnsupportedModel(f"vectorizer {type(vectorizer).__name__} with {differs or 'no idf'}")
+        raise UnsupportedModel(f"vectorizer {type(vectorizer).__name__} with {differs}")
     idf = np.asarray(getattr(getattr(vectorizer, "_tfidf", None), "idf_", None), dtype=np.float64)
     classes = getattr(model, "classes_", None)
     folds = getattr(model, "calibrated_classifiers_", [])
