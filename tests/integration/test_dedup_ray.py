@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -100,12 +101,24 @@ def test_chain_premise(corpus):
     assert estimated_jaccard(a, c) < SPEC.threshold
 
 
-def test_dedup_marks_copies_and_keeps_one_row_per_group(ray_local, corpus, tmp_path):
+@pytest.mark.parametrize("partitions", [None, 3], ids=["keys-in-one-task", "keys-through-shuffles"])
+def test_dedup_marks_copies_and_keeps_one_row_per_group(ray_local, corpus, tmp_path, monkeypatch, partitions):
+    from chatforge.data import dedup
+
+    def not_this_way(*args, **kwargs):
+        raise AssertionError(f"dedup.num_partitions={partitions} took the wrong way to its marks")
+
+    # Small keys go to one task; configured partitions (or keys too big for one) go through Ray Data's shuffles.
+    if partitions is None:
+        monkeypatch.setattr(DedupStep, "_marks", not_this_way)
+    else:
+        monkeypatch.setattr(dedup, "_marks_task", SimpleNamespace(remote=not_this_way))
     records, _ = corpus
     table = pa.Table.from_pylist(records, schema=BASE_SCHEMA)
     ds = ray_local.data.from_arrow([table.slice(start, 60) for start in range(0, table.num_rows, 60)])
 
-    rows = DedupStep(SPEC, workdir=str(tmp_path))(ds).take_all()
+    spec = SPEC.model_copy(update={"num_partitions": partitions})
+    rows = DedupStep(spec, workdir=str(tmp_path))(ds).take_all()
 
     assert len(rows) == len(records)
     assert set(rows[0]) == {*BASE_SCHEMA.names, "dup_of", STAGE_SECONDS_COLUMN}

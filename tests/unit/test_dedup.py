@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasketch import MinHash
 
@@ -22,11 +21,13 @@ from chatforge.data.dedup import (
     ROW,
     SIG,
     KeyRows,
+    ShufflePlan,
     apply_marks,
     band_keys,
     bands_per_shuffle,
     estimated_jaccard,
     exact_key,
+    marks_block,
     merge_marks,
     minhash_signatures,
     normalize_text,
@@ -237,10 +238,9 @@ def test_sketch_estimate_matches_the_full_signature():
 
 def run_components(src: list[str], dst: list[str], max_iterations: int = 10) -> tuple[dict[str, str], int, bool]:
     """Iterate `propagate_labels` on one block (what each round does per hash partition) until it settles."""
-    adjacency = components.adjacency_rows(pa.table({"src": src, "dst": dst}))
-    state, rounds, settled = components.settle_block(adjacency, max_iterations)
-    labels = state.filter(pc.equal(state["kind"], components.LABEL))
-    return dict(zip(labels["node"].to_pylist(), labels["other"].to_pylist(), strict=True)), rounds, settled
+    edges = pa.table({"src": pa.array(src, pa.string()), "dst": pa.array(dst, pa.string())})
+    labels, rounds, settled = components.block_components(edges, max_iterations)
+    return dict(zip(labels["node"].to_pylist(), labels["label"].to_pylist(), strict=True)), rounds, settled
 
 
 def test_label_propagation_joins_a_chain_and_keeps_components_apart():
@@ -258,6 +258,66 @@ def test_label_propagation_stops_at_max_iterations_unsettled():
 def test_label_propagation_ignores_self_loops():
     labels, _, _ = run_components(["a", "b"], ["a", "a"])
     assert labels == {"a": "a", "b": "a"}
+
+
+def test_a_graph_without_edges_has_no_labels():
+    assert run_components([], []) == ({}, 0, True)
+    assert run_components(["a"], ["a"]) == ({}, 0, True)  # a self-loop is no edge
+
+
+# ---------------------------------------------------------------- marks for key rows held in one block
+
+
+def keyed_corpus(spec: DedupSpec) -> tuple[pa.Table, dict[str, str]]:
+    """Key rows (as the staging pass writes them) of 40 conversations with copies, and each row key's id."""
+    texts = [random_text(100 + i, 60) for i in range(40)]
+    messages = [conversation(f"question {i}", text) for i, text in enumerate(texts)]
+    records = [{"id": f"s:{i:02d}", "source": "s", "messages": m} for i, m in enumerate(messages)]
+    records += [
+        {"id": "s:50", "source": "s", "messages": conversation("QUESTION 3 ", texts[3])},  # exact copy of 03
+        {"id": "s:51", "source": "s", "messages": conversation("question 5", change_word(texts[5], 30))},  # near 05
+        {"id": "s:52", "source": "s", "messages": conversation("question 5", change_word(texts[5], 31))},  # near 05
+        {"id": "s:53", "source": "s", "messages": conversation("question 7", texts[7]), "drop_reason": "filters:x"},
+        {"id": "s:00", "source": "s", "messages": conversation("question 0", texts[0])},  # same id, same text
+    ]
+    keyed = KeyRows(spec)(pa.Table.from_pylist(records, schema=BASE_SCHEMA))
+    return keyed.select([ROW, HASH, SIG]), dict(zip(keyed[ROW].to_pylist(), keyed["id"].to_pylist(), strict=True))
+
+
+def marked(marks: pa.Table, ids: dict[str, str]) -> dict[str, tuple[str | None, bool]]:
+    merged = merge_marks([marks])
+    return {
+        ids[row]: (ids.get(label), exact)
+        for row, label, exact in zip(*(merged[c].to_pylist() for c in (ROW, LABEL, EXACT)), strict=True)
+    }
+
+
+def test_marks_of_one_block_link_copies_to_the_row_their_group_keeps():
+    spec = DedupSpec(num_perm=128, bands=32, threshold=0.7)
+    keys, ids = keyed_corpus(spec)
+    marks, rounds, settled = marks_block(keys, spec)
+    assert settled and rounds >= 1
+    assert marked(marks, ids) == {
+        "s:50": ("s:03", True),
+        "s:51": ("s:05", False),
+        "s:52": ("s:05", False),
+        "s:00": ("s:00", True),  # the second row with id s:00 and its text; its group keeps the first
+    }
+
+
+def test_marks_of_one_block_for_exact_only_and_near_only():
+    keys, ids = keyed_corpus(DedupSpec(num_perm=128, bands=32))
+    exact_only, _, _ = marks_block(keys, DedupSpec(num_perm=128, bands=32, near=False))
+    assert marked(exact_only, ids) == {"s:50": ("s:03", True), "s:00": ("s:00", True)}
+    near_only, _, _ = marks_block(keys, DedupSpec(num_perm=128, bands=32, exact=False, threshold=0.7))
+    assert marked(near_only, ids) == {  # exact copies are near copies at similarity 1
+        "s:50": ("s:03", False),
+        "s:51": ("s:05", False),
+        "s:52": ("s:05", False),
+        "s:00": ("s:00", False),
+    }
+    empty, rounds, settled = marks_block(keys.slice(0, 0), DedupSpec(num_perm=128, bands=32))
+    assert (empty.num_rows, rounds, settled) == (0, 0, True)
 
 
 def test_importing_dedup_leaves_datasketch_and_scipy_to_the_signature_pass():
@@ -280,6 +340,23 @@ def test_bands_share_a_shuffle_while_they_fit_the_budget():
     assert bands_per_shuffle(16, band_bytes=100, budget=1000) == 10
     assert bands_per_shuffle(16, band_bytes=5000, budget=1000) == 1
     assert bands_per_shuffle(16, band_bytes=0, budget=1000) == 16
+
+
+def test_keys_go_to_one_task_only_when_every_shuffle_would_be_one_partition():
+    spec = DedupSpec(num_perm=128, bands=16)
+    small = ShufflePlan.of(spec, rows=30_000, column_bytes={ROW: 1 << 20, HASH: 1 << 20, SIG: 15 << 20})
+    assert (small.exact_partitions, small.bands_per_shuffle, small.band_partitions) == (1, 16, 1)
+    assert small.in_one_block(spec)
+    large = ShufflePlan.of(spec, rows=120_000, column_bytes={ROW: 8 << 20, HASH: 4 << 20, SIG: 60 << 20})
+    assert large.exact_partitions == 2 and not large.in_one_block(spec)
+    one = DedupSpec(num_perm=128, bands=16, num_partitions=1)  # configured: one partition, even for the band rows
+    assert ShufflePlan.of(one, rows=30_000, column_bytes={ROW: 4 << 20, HASH: 1 << 20, SIG: 15 << 20}).in_one_block(one)
+    three = DedupSpec(num_perm=128, bands=16, num_partitions=3)
+    assert not ShufflePlan.of(three, rows=10, column_bytes={ROW: 10, HASH: 10, SIG: 10}).in_one_block(three)
+    # Bands alone can outgrow one partition: the exact shuffle fits, the band rows (16 per row) do not.
+    banded = ShufflePlan.of(spec, rows=60_000, column_bytes={ROW: 4 << 20, HASH: 2 << 20, SIG: 30 << 20})
+    assert banded.exact_partitions == 1 and banded.band_partitions > 1 and not banded.in_one_block(spec)
+    assert banded.in_one_block(DedupSpec(num_perm=128, bands=16, near=False))
 
 
 def test_staged_column_bytes_reads_rows_and_sizes_from_the_footers(tmp_path):

@@ -31,7 +31,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 from ray.data import Dataset
-from ray.data.expressions import col
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +138,36 @@ def settle_block(adjacency: pa.Table, max_iterations: int) -> tuple[pa.Table, in
     return state, rounds, False
 
 
+def label_rows(state: pa.Table) -> pa.Table:
+    """A round's rows -> the nodes' labels (``node, label``)."""
+    labels = state.filter(pc.equal(state["kind"], LABEL))
+    return pa.table({"node": labels["node"], "label": labels["other"]})
+
+
+def block_components(edges: pa.Table, max_iterations: int) -> tuple[pa.Table, int, bool]:
+    """`connected_components` of a graph held whole in one table, in this process: the labels (``node, label``),
+    the rounds taken, and whether the labels settled (the caller reports that, see `report_rounds`)."""
+    adjacency = adjacency_rows(edges)
+    if adjacency.num_rows == 0:
+        return pa.table({"node": pa.array([], pa.string()), "label": pa.array([], pa.string())}), 0, True
+    state, rounds, converged = settle_block(adjacency, max_iterations)
+    return label_rows(state), rounds, converged
+
+
+def report_rounds(rounds: int, converged: bool, max_iterations: int, where: str) -> None:
+    logger.info("connected components: %d rounds %s", rounds, where)
+    if not converged:
+        logger.warning(
+            "connected components did not settle in %d rounds (dedup.max_iterations); some groups may keep "
+            "more than one row",
+            max_iterations,
+        )
+
+
 @ray.remote(num_returns=3)
 def _settle_blocks(max_iterations: int, *blocks: pa.Table) -> tuple[pa.Table, int, bool]:
-    return settle_block(pa.concat_tables(blocks), max_iterations)
+    state, rounds, converged = settle_block(pa.concat_tables(blocks), max_iterations)
+    return label_rows(state), rounds, converged
 
 
 def connected_components(edges: Dataset, num_partitions: int | None, max_iterations: int) -> Components:
@@ -158,20 +184,14 @@ def connected_components(edges: Dataset, num_partitions: int | None, max_iterati
         return Components(labels=ray.data.from_arrow(empty), rounds=0, converged=True)
     if partitions_for(ONE_BLOCK_FACTOR * adjacency.size_bytes(), num_partitions) == 1:
         # Every round would be one block in one task: run them all in one task, not one Ray Data execution each.
-        state_ref, rounds_ref, converged_ref = _settle_blocks.remote(max_iterations, *block_refs(adjacency))
+        labels_ref, rounds_ref, converged_ref = _settle_blocks.remote(max_iterations, *block_refs(adjacency))
         rounds, converged = ray.get([rounds_ref, converged_ref])
-        state = ray.data.from_arrow_refs([state_ref])
-        logger.info("connected components: %d rounds in one task", rounds)
+        labels = ray.data.from_arrow_refs([labels_ref])
+        report_rounds(rounds, converged, max_iterations, "in one task")
     else:
         state, rounds, converged = _rounds(adjacency, num_partitions, max_iterations)
-    if not converged:
-        logger.warning(
-            "connected components did not settle in %d rounds (dedup.max_iterations); some groups may keep "
-            "more than one row",
-            max_iterations,
-        )
-    labels = state.filter(expr=col("kind") == LABEL).select_columns(["node", "other"])
-    labels = labels.rename_columns({"other": "label"})
+        labels = state.map_batches(label_rows, batch_format="pyarrow")
+        report_rounds(rounds, converged, max_iterations, "as Ray Data executions")
     return Components(labels=labels, rounds=rounds, converged=converged)
 
 

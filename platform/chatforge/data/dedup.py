@@ -19,6 +19,10 @@ driver-side set of hashes or edges, no per-group Python ``map_groups``):
 5. the marks (one small row per duplicate) are broadcast by object reference, and the staged rows stream back
    from disk through a per-block pass that applies them: full rows are never shuffled nor held in memory.
 
+When every shuffle of steps 2-4 would be one partition (key rows of up to ~30k conversations; `ShufflePlan`), one
+Ray task runs steps 2-4 on the key columns with the same per-block functions (`marks_block`): each shuffle would
+be one block in one task anyway, and a Ray Data execution per shuffle costs ~0.1-0.2 s with the cores mostly idle.
+
 Every function above the `DedupStep` is pure (no Ray) and unit-tested.
 """
 
@@ -43,7 +47,14 @@ from ray.data import Dataset
 from ray.data.expressions import col
 
 from chatforge.config import DedupSpec
-from chatforge.data.components import block_refs, connected_components, hash_partitioned, partitions_for
+from chatforge.data.components import (
+    block_components,
+    block_refs,
+    connected_components,
+    hash_partitioned,
+    partitions_for,
+    report_rounds,
+)
 from chatforge.data.schema import STAGE_SECONDS_COLUMN, STAGE_SECONDS_TYPE
 
 logger = logging.getLogger(__name__)
@@ -442,6 +453,27 @@ class ApplyMarks:
         return apply_marks(rows, marks)
 
 
+def marks_block(keys: pa.Table, spec: DedupSpec) -> tuple[pa.Table, int, bool]:
+    """Key rows (row, hash, signature) held whole in one table -> the marks `DedupStep._marks` makes of them, in this
+    process: the same per-block functions without the shuffles (each would be one partition) and connected
+    components by `block_components`. Also returns the rounds components took and whether they settled."""
+    keys = keys.filter(pc.is_valid(keys[HASH]))
+    keys = exact_block(keys) if spec.exact else no_exact_block(keys)
+    copies = keys.filter(pc.is_valid(keys[REP]))
+    exact_edges = pa.table([copies[ROW], copies[REP]], schema=_EDGE_SCHEMA)
+    if not spec.near:
+        return exact_marks(exact_edges, with_label=True), 0, True
+    representatives = keys.filter(pc.and_(pc.is_null(keys[REP]), pc.is_valid(keys[SIG])))
+    near_edges = near_block(band_rows(representatives, spec.bands), spec.threshold, spec.num_perm)
+    labels, rounds, converged = block_components(pa.concat_tables([exact_edges, near_edges]), spec.max_iterations)
+    return pa.concat_tables([near_marks(labels), exact_marks(exact_edges, with_label=False)]), rounds, converged
+
+
+@ray.remote(num_returns=3)
+def _marks_task(paths: list[str], spec: DedupSpec) -> tuple[pa.Table, int, bool]:
+    return marks_block(read_staged_files(pa.table({"path": paths}), [ROW, HASH, SIG]), spec)
+
+
 def no_duplicates(table: pa.Table) -> pa.Table:
     return table.append_column(DUP_OF, pa.nulls(table.num_rows, pa.string()))
 
@@ -487,6 +519,37 @@ def bands_per_shuffle(bands: int, band_bytes: int, budget: int = BAND_SHUFFLE_BY
 
 
 @dataclass(frozen=True)
+class ShufflePlan:
+    """How `DedupStep._marks` shuffles the key rows: hash partitions for the exact shuffle, LSH bands per band
+    shuffle and hash partitions for each band shuffle.
+
+    ``rows`` and ``column_bytes`` (of the key columns, staged) size them: one hash partition per `PARTITION_BYTES`
+    unless ``dedup.num_partitions`` is set, and as many bands per shuffle as fit `BAND_SHUFFLE_BYTES`. A
+    30k-conversation corpus then shuffles in one partition, not one per CPU: each partition is a reduce task (and,
+    the first time, a worker start) however little it holds."""
+
+    exact_partitions: int
+    bands_per_shuffle: int
+    band_partitions: int
+
+    @classmethod
+    def of(cls, spec: DedupSpec, rows: int, column_bytes: dict[str, int]) -> ShufflePlan:
+        # A band row: the row key, an 8-byte bucket key and a half-byte per signature slot (plus Arrow's offsets).
+        band_bytes = column_bytes[ROW] + rows * (8 + 4 + 4 + spec.num_perm // 2)
+        group = bands_per_shuffle(spec.bands, band_bytes)
+        return cls(
+            exact_partitions=partitions_for(sum(column_bytes.values()), spec.num_partitions),
+            bands_per_shuffle=group,
+            band_partitions=partitions_for(group * band_bytes, spec.num_partitions),
+        )
+
+    def in_one_block(self, spec: DedupSpec) -> bool:
+        """Every shuffle would be one partition and every band in one shuffle: the key rows fit one task."""
+        near_whole = not spec.near or (self.bands_per_shuffle >= spec.bands and self.band_partitions == 1)
+        return self.exact_partitions == 1 and near_whole
+
+
+@dataclass(frozen=True)
 class DedupStep:
     """Marks exact and near duplicates (see the module docstring); adds ``dup_of``. Row order is not kept.
 
@@ -509,22 +572,23 @@ class DedupStep:
             return ds.map_batches(no_duplicates, batch_format="pyarrow")
         row_columns = [name for name in pq.read_schema(os.path.join(staged, files[0])).names if name not in (HASH, SIG)]
         paths = [os.path.join(staged, name) for name in files]
-        marks = self._marks(read_staged(paths, [ROW, HASH, SIG]), spec, *staged_column_bytes(paths, [ROW, HASH, SIG]))
-        mark_blocks = block_refs(marks.materialize())
+        plan = ShufflePlan.of(spec, *staged_column_bytes(paths, [ROW, HASH, SIG]))
+        if plan.in_one_block(spec):
+            # Each shuffle below would be one block and each pass one task: one task does them all, without a
+            # Ray Data execution per shuffle (~0.1-0.2 s each, with the cores mostly idle; docs/benchmarks.md).
+            marks_ref, rounds_ref, converged_ref = _marks_task.remote(paths, spec)
+            report_rounds(*ray.get([rounds_ref, converged_ref]), spec.max_iterations, "(dedup, in one task)")
+            mark_blocks = [marks_ref]
+        else:
+            mark_blocks = block_refs(self._marks(read_staged(paths, [ROW, HASH, SIG]), spec, plan).materialize())
         return read_staged(paths, row_columns).map_batches(ApplyMarks(mark_blocks), batch_format="pyarrow")
 
     @staticmethod
-    def _marks(keys: Dataset, spec: DedupSpec, rows: int, column_bytes: dict[str, int]) -> Dataset:
-        """Key rows (row, hash, signature) -> marks (row, label, exact), one per duplicate (two for some).
-
-        ``rows`` and ``column_bytes`` (of the key columns, staged) size the shuffles: one hash partition per
-        `PARTITION_BYTES` unless ``dedup.num_partitions`` is set, and as many bands per shuffle as fit
-        `BAND_SHUFFLE_BYTES`. A 30k-conversation corpus then shuffles in one partition, not one per CPU: each
-        partition is a reduce task (and, the first time, a worker start) however little it holds."""
+    def _marks(keys: Dataset, spec: DedupSpec, plan: ShufflePlan) -> Dataset:
+        """Key rows (row, hash, signature) -> marks (row, label, exact), one per duplicate (two for some)."""
         keys = keys.filter(expr=col(HASH).is_not_null())
         if spec.exact:
-            partitions = partitions_for(sum(column_bytes.values()), spec.num_partitions)
-            keys = hash_partitioned(keys, HASH, partitions).map_batches(
+            keys = hash_partitioned(keys, HASH, plan.exact_partitions).map_batches(
                 exact_block, batch_format="pyarrow", batch_size=None
             )
         else:
@@ -535,10 +599,7 @@ class DedupStep:
         )
         if not spec.near:
             return exact_edges.map_batches(functools.partial(exact_marks, with_label=True), batch_format="pyarrow")
-        # A band row: the row key, an 8-byte bucket key and a half-byte per signature slot (plus Arrow's offsets).
-        band_bytes = column_bytes[ROW] + rows * (8 + 4 + 4 + spec.num_perm // 2)
-        group = bands_per_shuffle(spec.bands, band_bytes)
-        partitions = partitions_for(group * band_bytes, spec.num_partitions)
+        group = plan.bands_per_shuffle
         representatives = keys.filter(expr=col(REP).is_null() & col(SIG).is_not_null())
         near_edges = []
         for first in range(0, spec.bands, group):
@@ -546,12 +607,11 @@ class DedupStep:
             verify = functools.partial(near_block, threshold=spec.threshold, num_perm=spec.num_perm)
             bands = representatives.map_batches(band_fn, batch_format="pyarrow")
             near_edges.append(
-                hash_partitioned(bands, BAND, partitions)
+                hash_partitioned(bands, BAND, plan.band_partitions)
                 .map_batches(verify, batch_format="pyarrow", batch_size=None)
                 .materialize()
             )
         components = connected_components(exact_edges.union(*near_edges), spec.num_partitions, spec.max_iterations)
-        logger.info("dedup: connected components took %d rounds", components.rounds)
         return components.labels.map_batches(near_marks, batch_format="pyarrow").union(
             exact_edges.map_batches(functools.partial(exact_marks, with_label=False), batch_format="pyarrow")
         )
