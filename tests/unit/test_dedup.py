@@ -31,6 +31,7 @@ from chatforge.data.dedup import (
     merge_marks,
     minhash_signatures,
     normalize_text,
+    row_nodes,
     shingle_hashes,
     sketch,
     sketch_jaccard,
@@ -140,6 +141,13 @@ def test_band_index_is_part_of_the_key():
     assert len(set(keys[0].tolist())) == 4
 
 
+def test_a_range_of_bands_has_the_keys_those_bands_have_in_the_whole():
+    signatures = minhash_signatures([random_text(seed, 80) for seed in range(5)], 128, 5)
+    whole = band_keys(signatures, bands=16)
+    for first, last in ((0, 4), (4, 8), (12, 16), (5, 6), (10, 99)):
+        assert np.array_equal(band_keys(signatures, 16, first, last), whole[:, first:last]), (first, last)
+
+
 # ---------------------------------------------------------------- per-block marking
 
 
@@ -159,7 +167,14 @@ def test_verified_edges_link_near_copies_to_the_smallest_row_and_reject_false_ca
     keys = np.array([5, 5, 7, 7, 5, 8])
     signatures = np.stack([near, base, near, base, far, far])
     edges = verified_edges(keys, rows, signatures, threshold=0.8)
-    assert sorted(edges) == [("r2", "r1"), ("r3", "r1")]
+    assert edge_list(edges) == [("r2", "r1"), ("r3", "r1")]
+    assert edge_list(verified_edges(keys, pa.chunked_array([rows[:2], rows[2:]]), signatures, threshold=0.8)) == [
+        ("r2", "r1"),
+        ("r3", "r1"),
+    ]
+    as_column = pa.FixedSizeListArray.from_arrays(pa.array(signatures.ravel()), signatures.shape[1])
+    assert edge_list(verified_edges(keys, rows, as_column, threshold=0.8)) == [("r2", "r1"), ("r3", "r1")]
+    assert verified_edges(np.array([1, 2]), ["a", "b"], signatures[:2], threshold=0.8).num_rows == 0  # no candidates
 
 
 def test_verified_edges_merge_a_chain_inside_the_block():
@@ -168,7 +183,18 @@ def test_verified_edges_merge_a_chain_inside_the_block():
     b[:20] += 1000
     c[:40] += 1000  # a~b and b~c at 0.75 threshold (0.8), a!~c (0.6)
     edges = verified_edges(np.array([1, 1, 1]), ["a", "b", "c"], np.stack([a, b, c]), threshold=0.75)
-    assert sorted(edges) == [("b", "a"), ("c", "a")]
+    assert edge_list(edges) == [("b", "a"), ("c", "a")]
+
+
+def edge_list(edges: pa.Table) -> list[tuple[str, str]]:
+    return sorted(zip(edges["src"].to_pylist(), edges["dst"].to_pylist(), strict=True))
+
+
+def test_row_nodes_number_distinct_keys_in_sorted_order():
+    names, node_of, first = row_nodes(pa.chunked_array([["c", "a"], ["b", "a", "c", "d"]]))
+    assert names.to_pylist() == ["a", "b", "c", "d"]
+    assert node_of.tolist() == [2, 0, 1, 0, 2, 3]
+    assert first.tolist() == [1, 2, 0, 5]
 
 
 def test_key_rows_skip_dropped_rows_and_charge_stage_seconds():
@@ -349,14 +375,18 @@ def test_keys_go_to_one_task_only_when_every_shuffle_would_be_one_partition():
     assert small.in_one_block(spec)
     large = ShufflePlan.of(spec, rows=120_000, column_bytes={ROW: 8 << 20, HASH: 4 << 20, SIG: 60 << 20})
     assert large.exact_partitions == 2 and not large.in_one_block(spec)
-    one = DedupSpec(num_perm=128, bands=16, num_partitions=1)  # configured: one partition, even for the band rows
-    assert ShufflePlan.of(one, rows=30_000, column_bytes={ROW: 4 << 20, HASH: 1 << 20, SIG: 15 << 20}).in_one_block(one)
+    one = DedupSpec(num_perm=128, bands=16, num_partitions=1)  # configured
+    assert ShufflePlan.of(one, rows=30_000, column_bytes={ROW: 1 << 20, HASH: 1 << 20, SIG: 15 << 20}).in_one_block(one)
     three = DedupSpec(num_perm=128, bands=16, num_partitions=3)
     assert not ShufflePlan.of(three, rows=10, column_bytes={ROW: 10, HASH: 10, SIG: 10}).in_one_block(three)
-    # Bands alone can outgrow one partition: the exact shuffle fits, the band rows (16 per row) do not.
+    # Bands alone can outgrow one partition: the exact shuffle fits, the band rows (16 per row) do not; they go in
+    # groups of bands that each fit one partition.
     banded = ShufflePlan.of(spec, rows=60_000, column_bytes={ROW: 4 << 20, HASH: 2 << 20, SIG: 30 << 20})
-    assert banded.exact_partitions == 1 and banded.band_partitions > 1 and not banded.in_one_block(spec)
-    assert banded.in_one_block(DedupSpec(num_perm=128, bands=16, near=False))
+    assert banded.exact_partitions == 1 and banded.band_partitions == 1 and banded.bands_per_shuffle < 16
+    assert not banded.in_one_block(spec) and banded.in_one_block(DedupSpec(num_perm=128, bands=16, near=False))
+    # One band bigger than a partition: a keyed shuffle of several partitions per band.
+    huge = ShufflePlan.of(spec, rows=2_000_000, column_bytes={ROW: 100 << 20, HASH: 64 << 20, SIG: 1 << 30})
+    assert (huge.bands_per_shuffle, huge.band_partitions) == (1, 4)
 
 
 def test_staged_column_bytes_reads_rows_and_sizes_from_the_footers(tmp_path):

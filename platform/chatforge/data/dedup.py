@@ -48,6 +48,7 @@ from ray.data.expressions import col
 
 from chatforge.config import DedupSpec
 from chatforge.data.components import (
+    PARTITION_BYTES,
     block_components,
     block_refs,
     connected_components,
@@ -79,8 +80,11 @@ _SHINGLE_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: shin
 _BAND_MULTIPLIER = np.uint64(0x100000001B3)  # FNV-1a's prime, to mix the values of a band into one key
 _SHINGLES_PER_CHUNK = 1 << 16  # bounds the (num_perm x shingles) matrix of one chunk to num_perm * 256 KiB
 # The band rows (one per row per LSH band) are the largest thing dedup moves; bands go through the shuffle in groups
-# of about this many bytes, each group's edges materialized before the next (see DedupStep._marks).
-BAND_SHUFFLE_BYTES = 256 << 20
+# of about this many bytes, each group's edges materialized before the next (see DedupStep._marks). One partition's
+# worth: a group then needs no keyed shuffle until a single band outgrows a partition. With 256 MiB groups the 4x
+# curation benchmark's 16 bands went through one keyed shuffle of four partitions, whose map task (~0.6 GB) and
+# worker pool made most of that run's peak; in groups of one partition the peak fell ~0.2 GB (docs/benchmarks.md).
+BAND_SHUFFLE_BYTES = PARTITION_BYTES
 # Rows per staged file. The final pass reads one file per task and runs every step after dedup on it, so this bounds
 # that task's memory whatever the size of the read range the rows came from.
 STAGED_FILE_ROWS = 8192
@@ -219,14 +223,18 @@ def sketch_jaccard(a: np.ndarray, b: np.ndarray, num_perm: int) -> np.ndarray:
     return np.maximum((agree - 1 / 16) / (1 - 1 / 16), 0.0)
 
 
-def band_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
-    """``(n, bands)`` int64 bucket keys: a hash of the band's index and its ``num_perm / bands`` values.
+def band_keys(signatures: np.ndarray, bands: int, first: int = 0, last: int | None = None) -> np.ndarray:
+    """``(n, last - first)`` int64 bucket keys of bands ``first:last`` (all by default): a hash of the band's index
+    and its ``num_perm / bands`` values. Only those bands' slots are read.
 
     Two texts share a bucket in some band with probability 1 - (1 - J^rows)^bands for Jaccard J.
     """
     n, num_perm = signatures.shape
-    banded = signatures.reshape(n, bands, num_perm // bands).astype(np.uint64)
-    keys = np.broadcast_to(np.arange(1, bands + 1, dtype=np.uint64) * _SHINGLE_MULTIPLIER, (n, bands))
+    last = bands if last is None else min(last, bands)
+    rows = num_perm // bands
+    banded = signatures[:, first * rows : last * rows].reshape(n, last - first, rows).astype(np.uint64)
+    indices = np.arange(first + 1, last + 1, dtype=np.uint64)
+    keys = np.broadcast_to(indices * _SHINGLE_MULTIPLIER, (n, last - first))
     for value in np.moveaxis(banded, 2, 0):
         keys = (keys ^ value) * _BAND_MULTIPLIER
     return (keys ^ (keys >> np.uint64(29))).view(np.int64)
@@ -244,17 +252,44 @@ def smallest_per_key(keys: Sequence[str] | pa.Array, rows: Sequence[str] | pa.Ar
     return pc.if_else(is_itself, pa.scalar(None, pa.string()), representative.combine_chunks())
 
 
+def row_nodes(rows: Sequence[str] | pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """The distinct row keys in sorted order, each row's index into them, and each distinct key's first row.
+
+    Arrow's dictionary encoding, not Python strings: a band shuffle's partition holds ~0.5M band rows, whose keys
+    as Python objects took ~120 MB of a task's memory beside the 63 MB of Arrow they came from."""
+    if isinstance(rows, pa.ChunkedArray):
+        rows = rows.combine_chunks()
+    elif not isinstance(rows, pa.Array):
+        rows = pa.array(rows, pa.string())
+    encoded = pc.dictionary_encode(rows)
+    order = pc.array_sort_indices(encoded.dictionary).to_numpy()
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    node_of = rank[encoded.indices.to_numpy()]
+    _, first = np.unique(node_of, return_index=True)  # every node occurs, so this is indexed by node
+    return encoded.dictionary.take(pa.array(order)), node_of, first
+
+
 def verified_edges(
-    keys: np.ndarray, rows: Sequence[str], signatures: np.ndarray, threshold: float, similarity=estimated_jaccard
-) -> list[tuple[str, str]]:
-    """Near-duplicate edges among one block of band rows (``keys[i]`` is row i's bucket in one band).
+    keys: np.ndarray,
+    rows: Sequence[str] | pa.Array | pa.ChunkedArray,
+    signatures: np.ndarray | pa.Array | pa.ChunkedArray,
+    threshold: float,
+    similarity=estimated_jaccard,
+) -> pa.Table:
+    """Near-duplicate edges ``src, dst`` among one block of band rows (``keys[i]`` is row i's bucket in one band).
 
     Rows sharing a bucket are candidate pairs, kept when their estimated Jaccard reaches ``threshold``. Kept
     pairs are merged within this block (union-find over the block only) and each row is linked to the smallest row
     of its local group: fewer edges, and shallow components for the global connected-components rounds.
+    ``signatures`` may be a fixed-size list column: only each distinct row's first one is then made a matrix (a row
+    repeats in every band of the block, with the same sketch).
     """
-    names, first, node_of = np.unique(np.asarray(rows, dtype=object), return_index=True, return_inverse=True)
-    node_signatures = signatures[first]
+    names, node_of, first = row_nodes(rows)
+    if isinstance(signatures, np.ndarray):
+        node_signatures = signatures[first]
+    else:
+        node_signatures = _signature_matrix(signatures.take(pa.array(first)))
     order = np.argsort(keys, kind="stable")
     sorted_keys, sorted_nodes = keys[order], node_of[order]
     starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
@@ -268,7 +303,7 @@ def verified_edges(
         position = position[later_in_bucket[position] > offset]
         offset += 1
     if not pairs:
-        return []
+        return _EDGE_SCHEMA.empty_table()
     pairs = np.sort(np.concatenate(pairs), axis=1)
     pairs = np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)  # a pair shares buckets in several bands
     similar = np.concatenate(
@@ -289,8 +324,11 @@ def verified_edges(
         ru, rv = root(u), root(v)
         if ru != rv:
             parent[max(ru, rv)] = min(ru, rv)
-    linked = np.unique(pairs[similar])
-    return [(names[node], names[root(node)]) for node in linked.tolist() if root(node) != node]
+    linked = np.unique(pairs[similar]).tolist()
+    roots = [root(node) for node in linked]
+    edges = [(node, top) for node, top in zip(linked, roots, strict=True) if top != node]
+    src, dst = (pa.array([edge[i] for edge in edges], pa.int64()) for i in (0, 1))
+    return pa.table([names.take(src), names.take(dst)], schema=_EDGE_SCHEMA)
 
 
 # ---------------------------------------------------------------- Arrow batch functions the step maps
@@ -372,7 +410,7 @@ def no_exact_block(table: pa.Table) -> pa.Table:
 def band_rows(table: pa.Table, bands: int, first: int = 0, last: int | None = None) -> pa.Table:
     """One row per (representative, band in ``first:last``): ``BAND`` key, row key, and the signature's sketch."""
     signatures = _signature_matrix(table[SIG])
-    keys = band_keys(signatures, bands)[:, first:last]
+    keys = band_keys(signatures, bands, first, last)
     repeated = np.repeat(sketch(signatures), keys.shape[1], axis=0)
     return pa.table(
         {
@@ -385,12 +423,10 @@ def band_rows(table: pa.Table, bands: int, first: int = 0, last: int | None = No
 
 def near_block(table: pa.Table, threshold: float, num_perm: int) -> pa.Table:
     """Band rows of one hash partition -> verified edges ``src, dst``."""
-    edges = []
-    if table.num_rows:
-        similarity = functools.partial(sketch_jaccard, num_perm=num_perm)
-        keys, rows, sketches = table[BAND].to_numpy(), table[ROW].to_pylist(), _signature_matrix(table[SKETCH])
-        edges = verified_edges(keys, rows, sketches, threshold, similarity)
-    return pa.table({"src": [e[0] for e in edges], "dst": [e[1] for e in edges]}, schema=_EDGE_SCHEMA)
+    if not table.num_rows:
+        return _EDGE_SCHEMA.empty_table()
+    similarity = functools.partial(sketch_jaccard, num_perm=num_perm)
+    return verified_edges(table[BAND].to_numpy(), table[ROW], table[SKETCH], threshold, similarity)
 
 
 def exact_marks(edges: pa.Table, with_label: bool) -> pa.Table:
