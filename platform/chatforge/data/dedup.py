@@ -613,7 +613,9 @@ class DedupStep:
             # Each shuffle below would be one block and each pass one task: one task does them all, without a
             # Ray Data execution per shuffle (~0.1-0.2 s each, with the cores mostly idle; docs/benchmarks.md).
             marks_ref, rounds_ref, converged_ref = _marks_task.remote(paths, spec)
-            report_rounds(*ray.get([rounds_ref, converged_ref]), spec.max_iterations, "(dedup, in one task)")
+            rounds, converged = ray.get([rounds_ref, converged_ref])
+            if spec.near:  # exact-only dedup runs no components
+                report_rounds(rounds, converged, spec.max_iterations, "(dedup, in one task)")
             mark_blocks = [marks_ref]
         else:
             mark_blocks = block_refs(self._marks(read_staged(paths, [ROW, HASH, SIG]), spec, plan).materialize())
