@@ -43,6 +43,7 @@ PARTITION_BYTES = 64 << 20
 ONE_BLOCK_FACTOR = 3
 
 WORK_SCHEMA = pa.schema([("node", pa.string()), ("other", pa.string()), ("kind", pa.int8())])
+LABEL_SCHEMA = pa.schema([("node", pa.string()), ("label", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def settle_block(adjacency: pa.Table, max_iterations: int) -> tuple[pa.Table, in
 def label_rows(state: pa.Table) -> pa.Table:
     """A round's rows -> the nodes' labels (``node, label``)."""
     labels = state.filter(pc.equal(state["kind"], LABEL))
-    return pa.table({"node": labels["node"], "label": labels["other"]})
+    return pa.table([labels["node"], labels["other"]], schema=LABEL_SCHEMA)
 
 
 def block_components(edges: pa.Table, max_iterations: int) -> tuple[pa.Table, int, bool]:
@@ -149,7 +150,7 @@ def block_components(edges: pa.Table, max_iterations: int) -> tuple[pa.Table, in
     the rounds taken, and whether the labels settled (the caller reports that, see `report_rounds`)."""
     adjacency = adjacency_rows(edges)
     if adjacency.num_rows == 0:
-        return pa.table({"node": pa.array([], pa.string()), "label": pa.array([], pa.string())}), 0, True
+        return LABEL_SCHEMA.empty_table(), 0, True
     state, rounds, converged = settle_block(adjacency, max_iterations)
     return label_rows(state), rounds, converged
 
@@ -180,8 +181,7 @@ def connected_components(edges: Dataset, num_partitions: int | None, max_iterati
     """
     adjacency = without_empty_blocks(edges.map_batches(adjacency_rows, batch_format="pyarrow").materialize())
     if adjacency.count() == 0:
-        empty = pa.table({"node": pa.array([], pa.string()), "label": pa.array([], pa.string())})
-        return Components(labels=ray.data.from_arrow(empty), rounds=0, converged=True)
+        return Components(labels=ray.data.from_arrow(LABEL_SCHEMA.empty_table()), rounds=0, converged=True)
     if partitions_for(ONE_BLOCK_FACTOR * adjacency.size_bytes(), num_partitions) == 1:
         # Every round would be one block in one task: run them all in one task, not one Ray Data execution each.
         labels_ref, rounds_ref, converged_ref = _settle_blocks.remote(max_iterations, *block_refs(adjacency))

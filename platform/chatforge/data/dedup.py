@@ -324,11 +324,10 @@ def verified_edges(
         ru, rv = root(u), root(v)
         if ru != rv:
             parent[max(ru, rv)] = min(ru, rv)
-    linked = np.unique(pairs[similar]).tolist()
-    roots = [root(node) for node in linked]
-    edges = [(node, top) for node, top in zip(linked, roots, strict=True) if top != node]
-    src, dst = (pa.array([edge[i] for edge in edges], pa.int64()) for i in (0, 1))
-    return pa.table([names.take(src), names.take(dst)], schema=_EDGE_SCHEMA)
+    linked = np.unique(pairs[similar])
+    roots = np.array([root(node) for node in linked.tolist()], dtype=linked.dtype)
+    moved = roots != linked
+    return pa.table([names.take(pa.array(linked[moved])), names.take(pa.array(roots[moved]))], schema=_EDGE_SCHEMA)
 
 
 # ---------------------------------------------------------------- Arrow batch functions the step maps
