@@ -160,7 +160,7 @@ def timed_run(args, spec: Spec, tokenizer, rank: int, world: int, started: float
     evaluation = evaluate(engine, val_batches, ["data"], device)
     with tempfile.TemporaryDirectory(prefix=f"baseline-ckpt-r{rank}-") as tmp:
         engine.save_checkpoint(tmp, tag=f"step{step}", client_state={"step": step})
-        _export(engine, spec, tokenizer, rank, spec.deepspeed.zero_stage, args.output or tmp)
+        _export(engine, spec, tokenizer, rank, spec.deepspeed.zero_stage, None, args.output or tmp)  # no early stopping
     torch.distributed.barrier()
     if rank != 0:
         return None

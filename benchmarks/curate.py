@@ -9,7 +9,7 @@ Generates a ShareGPT JSONL corpus of synthetic multi-turn conversations (with PI
       with 1; ``--pairs`` (5) pairs of runs back to back, in alternating order, the median of their ratios; the
       unpinned ray.num_cpus=1 run, which still gets the second core for Ray's own processes, is reported as well);
   (b) a single-process loop applying the same per-batch functions (parse, normalize, filters, PII, dedup with the
-      same MinHash/LSH functions and an in-memory union-find, toxicity with the same scorer, augment, split, write);
+      same MinHash/LSH banding and sketch verification, the edges merged by an in-memory union-find, toxicity with the same scorer, augment, split, write);
   (c) the peak memory (PSS of the whole process tree, Ray's processes included) at 1x and 4x the input, in runs of
       their own (sampling takes CPU), and the speed-up once more on the 4x input.
 Throughput counts the pipeline itself (the manifest's wall_seconds), not Ray's start-up, reported apart.
@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from functools import partial
 
 import numpy as np
@@ -203,8 +203,9 @@ def single_process(corpus: str, output: str) -> dict:
     for name, rows in by_split.items():
         rows = [{k: v for k, v in r.items() if k != "_stage_seconds"} for r in rows]
         pq.write_table(pa.Table.from_pylist(rows), os.path.join(output, f"{name}.parquet"))
-    kept = sum(1 for r in out if r["drop_reason"] is None)
-    return {"seconds": time.perf_counter() - started, "kept": kept, "input_records": len(raw)}
+    seconds = time.perf_counter() - started
+    dropped = Counter(r["drop_reason"] for r in out if r["drop_reason"] is not None)
+    return {"seconds": seconds, "kept": len(out) - dropped.total(), "dropped": dict(dropped), "input_records": len(raw)}
 
 
 def in_memory_dedup(records: list[dict], spec) -> None:
@@ -219,9 +220,14 @@ def in_memory_dedup(records: list[dict], spec) -> None:
         else:
             first_by_hash[key] = record
     reps = sorted(first_by_hash.values(), key=lambda r: r["id"])
-    texts = [dedup.normalized_conversation(r["messages"]) for r in reps]
-    signatures = dedup.minhash_signatures(texts, spec.num_perm, spec.shingle_words)
+    ids = [r["id"] for r in reps]
+    signatures = dedup.minhash_signatures(
+        [dedup.normalized_conversation(r["messages"]) for r in reps], spec.num_perm, spec.shingle_words
+    )
     keys = dedup.band_keys(signatures, spec.bands)
+    # each band's buckets verified as the step verifies a block of band rows (on the signatures' sketches); the
+    # edges merged in memory
+    index = {row_id: i for i, row_id in enumerate(ids)}
     parent = list(range(len(reps)))
 
     def find(i: int) -> int:
@@ -230,15 +236,12 @@ def in_memory_dedup(records: list[dict], spec) -> None:
             i = parent[i]
         return i
 
+    sketches, similarity = dedup.sketch(signatures), partial(dedup.sketch_jaccard, num_perm=spec.num_perm)
     for band in range(keys.shape[1]):
-        buckets = defaultdict(list)
-        for i, key in enumerate(keys[:, band]):
-            buckets[int(key)].append(i)
-        for members in buckets.values():
-            for j in members[1:]:
-                if dedup.estimated_jaccard(signatures[members[0]], signatures[j]) >= spec.threshold:
-                    a, b = find(members[0]), find(j)
-                    parent[max(a, b)] = min(a, b)
+        edges = dedup.verified_edges(keys[:, band], ids, sketches, spec.threshold, similarity)
+        for src, dst in zip(edges["src"].to_pylist(), edges["dst"].to_pylist()):
+            a, b = find(index[src]), find(index[dst])
+            parent[max(a, b)] = min(a, b)
     for i, record in enumerate(reps):
         root = find(i)
         if root != i:
@@ -286,6 +289,7 @@ def main() -> None:
             "kept_ray": ray2["manifest"]["kept"],
             "kept_single_process": base["kept"],
             "dropped_ray": ray2["manifest"]["dropped"],
+            "dropped_single_process": base["dropped"],
             "stages_cpu_s": {s["name"]: s["seconds"] for s in ray2["manifest"]["stages"]},
         }
         if not args.skip_memory:

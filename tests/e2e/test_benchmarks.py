@@ -1,0 +1,74 @@
+"""The benchmark scripts run end to end on tiny settings: a measurement that cannot run is not a measurement.
+
+Nothing here is timed; the figures these runs print are too small to mean anything. What is checked is that each
+side ran and that the JSON holds what docs/benchmarks.md reports.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from test_cli_curate import ENV
+
+from helpers.train_data import write_curated
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _bench(*args: str, timeout: int = 600) -> dict:
+    result = subprocess.run(
+        [sys.executable, *args, "--json"],
+        capture_output=True,
+        text=True,
+        env={**ENV, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_train_overhead_runs_both_sides_and_the_memory_runs(tmp_path):
+    data = write_curated(tmp_path / "curated")
+    tiny = ["--steps", "4", "--warmup", "2", "--log-every", "2", "--n-layer", "1", "--n-embd", "32", "--n-head", "2"]
+    figures = _bench(
+        "benchmarks/train_overhead.py",
+        *tiny,
+        *("--max-length", "64", "--batch-size", "2", "--data", str(data), "--workdir", str(tmp_path / "bench")),
+    )
+
+    assert figures["ray_tokens_per_s"] > 0 and figures["torchrun_tokens_per_s"] > 0
+    assert figures["ratio"] == pytest.approx(figures["ray_tokens_per_s"] / figures["torchrun_tokens_per_s"], rel=1e-3)
+    assert len(figures["ray_windows_tokens_per_s"]) == len(figures["torchrun_windows_tokens_per_s"]) == 2
+    # the same tokenizer, packing and loop on both sides: the same packing efficiency, losses close after 4 steps
+    assert figures["packing_efficiency"] == figures["torchrun_packing_efficiency"]
+    assert 0 < figures["packing_efficiency"] <= 1
+    assert figures["ray_final_loss"] == pytest.approx(figures["torchrun_final_loss"], abs=0.25)
+    assert (tmp_path / "bench" / "torchrun" / "model" / "model.safetensors").exists()  # the baseline exported too
+
+    zero0, zero3 = (figures["memory_per_worker"][f"zero{stage}"] for stage in (0, 3))
+    assert zero0["measured_bytes"]["total"] == pytest.approx(zero0["arithmetic_bytes"]["total"], rel=0.01)
+    assert zero3["measured_bytes"]["gradients"] < zero0["measured_bytes"]["gradients"]
+    assert zero3["measured_bytes"]["optimizer_state"] < zero0["measured_bytes"]["optimizer_state"]
+
+
+def test_curate_benchmark_sides_keep_the_same_rows_and_memory_is_sampled():
+    figures = _bench("benchmarks/curate.py", "--n", "1000", "--pairs", "1")
+    # the single-process loop runs the same functions, dedup's verification included: the same rows survive
+    assert figures["kept_ray"] == figures["kept_single_process"] > 0
+    assert figures["dropped_ray"] == figures["dropped_single_process"]
+    assert figures["dropped_ray"].get("duplicate:near", 0) > 0  # the corpus carries near-copies
+    assert figures["speedup_2cpu_vs_1cpu"] > 0 and figures["ray_1cpu_error"] is None
+    assert figures["peak_pss_mb_1x"] > 0 and figures["peak_pss_mb_4x"] > 0
+    assert figures["peak_memory_growth_4x"] == pytest.approx(
+        figures["peak_pss_mb_4x"] / figures["peak_pss_mb_1x"], 0.01
+    )
+
+
+def test_serve_benchmark_smoke_run_serves_every_request():
+    figures = _bench("benchmarks/serve.py", "--requests", "4", "--max-tokens", "8", "--concurrency", "1,2")
+    assert figures["failed_requests"] == 0
+    for level in ("1", "2"):
+        assert figures["levels"][level]["requests"] == 4
+        assert figures["levels"][level]["completion_tokens"] == 4 * 8
+    assert figures["direct"]["completion_tokens"] == 4 * 8 and figures["batching_gain"] > 0
