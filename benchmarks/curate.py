@@ -102,14 +102,14 @@ def paired_speedups(corpus: str, output: str, pairs: int, log) -> tuple[list[dic
     across the run does not favour either side."""
     two_cpu_runs, ratios = [], []
     for pair in range(pairs):
-        one_first = pair % 2 == 1
-        one_cpu = run_one_cpu(corpus, os.path.join(output, f"ray1-{pair}"), {0}, log) if one_first else None
-        run = run_ray(corpus, os.path.join(output, f"ray2-{pair}"), 2)
+        runs = {}
+        for cpus in (1, 2) if pair % 2 else (2, 1):
+            where = os.path.join(output, f"ray{cpus}-{pair}")
+            runs[cpus] = run_one_cpu(corpus, where, {0}, log) if cpus == 1 else run_ray(corpus, where, 2)
+        run = runs[2]
         log(f"ray 2 cpus: {run['manifest']['wall_seconds']:.1f}s pipeline, {run['wall_s']:.1f}s with start-up")
         two_cpu_runs.append(run)
-        if not one_first:
-            one_cpu = run_one_cpu(corpus, os.path.join(output, f"ray1-{pair}"), {0}, log)
-        ratios.append(speedup_of(one_cpu, run))
+        ratios.append(speedup_of(runs[1], run))
     return two_cpu_runs, ratios
 
 

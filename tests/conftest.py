@@ -18,7 +18,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_num_workers_soft_limit", "6")
+os.environ.setdefault("RAY_num_workers_soft_limit", "4")  # as chatforge.runtime.init_ray sets for 2 CPUs
 
 
 def pytest_collection_modifyitems(config, items):

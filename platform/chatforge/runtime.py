@@ -90,10 +90,12 @@ def init_ray(spec: RaySpec) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not spec.address:
-        # Ray Data's shuffles run in worker pools of their own; with the default soft limit (one worker per CPU) every
-        # switch between a map and a shuffle starts fresh Python workers, seconds each on small machines.
+        # Ray Data's keyed shuffles run in worker pools of their own; with the default soft limit (one worker per CPU)
+        # every switch between a map and a shuffle starts fresh Python workers, seconds each on small machines. Two
+        # per CPU keep them; more (3 per CPU until stop 17) only kept more idle workers, each holding 130-360 MB,
+        # the largest part of the 4x curation run's peak memory (docs/benchmarks.md).
         cpus = spec.num_cpus or os.cpu_count() or 1
-        os.environ.setdefault("RAY_num_workers_soft_limit", str(max(6, 3 * cpus)))
+        os.environ.setdefault("RAY_num_workers_soft_limit", str(max(4, 2 * cpus)))
         # Ray Train's report queue is polled at this interval; the 2 s default throttles small runs (RAY-NOTES).
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
         # Arrow's default allocator, mimalloc, keeps what a task freed: after the curation benchmark's 4x input the
