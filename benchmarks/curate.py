@@ -9,7 +9,8 @@ Generates a ShareGPT JSONL corpus of synthetic multi-turn conversations (with PI
       with 1; ``--pairs`` (5) pairs of runs back to back, in alternating order, the median of their ratios; the
       unpinned ray.num_cpus=1 run, which still gets the second core for Ray's own processes, is reported as well);
   (b) a single-process loop applying the same per-batch functions (parse, normalize, filters, PII, dedup with the
-      same MinHash/LSH banding and sketch verification, the edges merged by an in-memory union-find, toxicity with the same scorer, augment, split, write);
+      same MinHash signatures, band rows and sketch verification on one block of all bands, toxicity with the same
+      scorer, augment, split, write);
   (c) the peak memory (PSS of the whole process tree, Ray's processes included) at 1x and 4x the input, in runs of
       their own (sampling takes CPU), and the speed-up once more on the 4x input.
 Throughput counts the pipeline itself (the manifest's wall_seconds), not Ray's start-up, reported apart.
@@ -220,32 +221,22 @@ def in_memory_dedup(records: list[dict], spec) -> None:
         else:
             first_by_hash[key] = record
     reps = sorted(first_by_hash.values(), key=lambda r: r["id"])
-    ids = [r["id"] for r in reps]
     signatures = dedup.minhash_signatures(
         [dedup.normalized_conversation(r["messages"]) for r in reps], spec.num_perm, spec.shingle_words
     )
-    keys = dedup.band_keys(signatures, spec.bands)
-    # each band's buckets verified as the step verifies a block of band rows (on the signatures' sketches); the
-    # edges merged in memory
-    index = {row_id: i for i, row_id in enumerate(ids)}
-    parent = list(range(len(reps)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    sketches, similarity = dedup.sketch(signatures), partial(dedup.sketch_jaccard, num_perm=spec.num_perm)
-    for band in range(keys.shape[1]):
-        edges = dedup.verified_edges(keys[:, band], ids, sketches, spec.threshold, similarity)
-        for src, dst in zip(edges["src"].to_pylist(), edges["dst"].to_pylist()):
-            a, b = find(index[src]), find(index[dst])
-            parent[max(a, b)] = min(a, b)
-    for i, record in enumerate(reps):
-        root = find(i)
-        if root != i:
-            record["dup_of"] = reps[root]["id"]
+    # All bands' rows as one block through the step's own band_rows and near_block (as dedup in one task runs
+    # them): near_block verifies candidates on the sketches and links each row to the smallest row of its group.
+    representatives = pa.table(
+        {
+            dedup.ROW: [r["id"] for r in reps],
+            dedup.SIG: pa.FixedSizeListArray.from_arrays(pa.array(signatures.ravel()), spec.num_perm),
+        }
+    )
+    edges = dedup.near_block(dedup.band_rows(representatives, spec.bands), spec.threshold, spec.num_perm)
+    dup_of = dict(zip(edges["src"].to_pylist(), edges["dst"].to_pylist(), strict=True))
+    for record in reps:
+        if record["id"] in dup_of:
+            record["dup_of"] = dup_of[record["id"]]
             mark_dropped(record, dedup.NEAR_REASON)
 
 
