@@ -186,7 +186,7 @@ def train(
             loaded = loaded.model_copy(update={"train": loaded.train.model_copy(update={"data": _data_sources(data)})})
         for source in loaded.train.data:
             resolve_data_dir(source.path)  # bad data fails here, before Ray starts
-        init_ray(loaded.ray)
+        init_ray(loaded.ray, idle_workers_per_cpu=0)
         with console.status("training…") as status:
             result = run_training(loaded, progress=lambda message: status.update(f"training: {message}…"))
     except (SpecError, TrainDataError, RayConnectError) as err:

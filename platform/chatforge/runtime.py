@@ -77,8 +77,12 @@ def cluster_cpus() -> float:
     return ray.cluster_resources().get("CPU", 1.0)
 
 
-def init_ray(spec: RaySpec) -> None:
+def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> None:
     """Start a local Ray (``spec.address`` unset) or join a cluster; reuse Ray if this process already has it.
+
+    ``idle_workers_per_cpu``: how many idle worker processes a local Ray keeps per CPU for the next task. Curation
+    wants 2 (see below); training wants 0: after tokenizing and packing, an idle worker only costs the training
+    workers CPU (each Ray process wakes 100 times a second, ~1% of a core; docs/benchmarks.md).
 
     Joining a token-authenticated cluster without the token retries forever inside ``ray.init``, so the join runs
     in a daemon thread with a deadline.
@@ -95,13 +99,17 @@ def init_ray(spec: RaySpec) -> None:
         # per CPU keep them; more (3 per CPU until stop 17) only kept more idle workers, each holding 130-360 MB,
         # the largest part of the 4x curation run's peak memory (docs/benchmarks.md).
         cpus = spec.num_cpus or os.cpu_count() or 1
-        os.environ.setdefault("RAY_num_workers_soft_limit", str(max(4, 2 * cpus)))
+        os.environ.setdefault("RAY_num_workers_soft_limit", str(idle_workers_per_cpu * max(2, cpus)))
         # Ray Train's report queue is polled at this interval; the 2 s default throttles small runs (RAY-NOTES).
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
         # Arrow's default allocator, mimalloc, keeps what a task freed: after the curation benchmark's 4x input the
         # idle workers held 1.8 GB of heap with it and 0.85 GB with jemalloc, which hands freed pages back to the OS.
         # Workers of a local Ray inherit this; on a cluster, set it in the nodes' environment (docs/curation.md).
         os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
+        # Ray's log monitor globs the session's log dir for new files every 0.1 s while it has fewer files than this,
+        # else every 0.5 s: 1.2% -> 0.5% of a core on an idle 2-CPU Ray (it took 2.3-3.1% beside training). A new
+        # worker's first lines reach the driver up to 0.5 s later; known files are still read every 0.1 s.
+        os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
     if not spec.address:
         # In this thread: Ray ties the processes it starts to the life of the thread that started them.
         try:
