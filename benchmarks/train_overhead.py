@@ -245,8 +245,8 @@ def benchmark(args, tmp: str) -> dict:
             "rows: Ray Data tokenizes and packs the whole train split once (map_batches) and gives each worker an "
             "equal shard (cut once in the driver before fit()); torchrun ranks tokenize and pack "
             "conversations[rank::world] in memory with the same TokenizeSamples/PackRows and pack batch size, so "
-            "the rows differ but their "
-            "packing efficiency should match (compare packing_efficiency with torchrun_packing_efficiency)",
+            "the rows differ but their packing efficiency should match (compare packing_efficiency with "
+            "torchrun_packing_efficiency)",
             "ray windows include ray.train.report once per log_every steps; torchrun's only log",
             "ray_wall_s includes ray.init, tokenizer training, Ray Data, worker-group start, final eval, checkpoint "
             "and export; torchrun_wall_s includes process start, tokenization, DeepSpeed init, final eval, "
