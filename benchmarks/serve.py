@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/serve.py --json                 # the default model; expect ~10 minutes on 2 cores
     .venv/bin/python benchmarks/serve.py --requests 4 --max-tokens 8 --concurrency 1,2   # a smoke run
+    .venv/bin/python benchmarks/serve.py --model smollm2 --stream --json   # the embedded SmolLM2-135M-Instruct
 
-Serves ``--model`` (default: a freshly built model of chatforge's default config, 4 layers x 256, vocab 8000,
-random weights, saved to a temp dir: throughput does not depend on what the weights say) on 127.0.0.1 only, and
+Serves ``--model`` (default: a freshly built scratch GPT-2 of chatforge's default config, 4 layers x 256, vocab
+8000, random weights, saved to a temp dir: throughput does not depend on what the weights say; ``smollm2``: the
+embedded SmolLM2-135M-Instruct; or any ``model.name_or_path`` form: a dir, a .gguf file) on 127.0.0.1 only, and
 measures, per concurrency level, ``--requests`` chat completions of exactly ``--max-tokens`` tokens (random
 weights at temperature 1 almost never sample the end token, and each request has its own seed; requests that end
-early are counted and their tokens are what is counted): completion tokens/s, requests/s, p50/p99 latency.
+early are counted and their tokens are what is counted): completion tokens/s, requests/s, p50/p99 latency, and
+with ``--stream`` (requests sent with ``stream: true``) p50/p99 time to the first content chunk (``ttft_*_ms``).
 Then
   - ``batching_gain``: tokens/s at the highest concurrency with the app's batching (``--max-batch-size``) divided
     by the same with ``max_batch_size=1`` (one sequence decoded at a time per replica);
@@ -49,7 +52,7 @@ def say(message: str) -> None:
 
 
 def build_default_model(directory: Path) -> Path:
-    """chatforge's default model config (what `chatforge train` builds with no model named), random weights."""
+    """chatforge's scratch GPT-2 at its default config (`model.name_or_path: scratch`), random weights."""
     import torch
 
     from chatforge.config import ModelSpec
@@ -57,7 +60,7 @@ def build_default_model(directory: Path) -> Path:
 
     rng = random.Random(0)
     texts = [" ".join(rng.choices(WORDS, k=rng.randint(5, 30))) for _ in range(4000)]
-    spec = ModelSpec()
+    spec = ModelSpec(name_or_path="scratch")
     tokenizer = train_tokenizer(texts, spec.vocab_size)
     torch.manual_seed(0)
     model = build_model(spec, tokenizer)
@@ -66,24 +69,38 @@ def build_default_model(directory: Path) -> Path:
     return directory
 
 
+def resolve_model(reference: str) -> str:
+    """A servable model dir for ``--model``: ``smollm2`` is the embedded default, anything else a name_or_path."""
+    from chatforge.config import DEFAULT_MODEL
+    from chatforge.train.pretrained import model_path
+
+    return model_path(DEFAULT_MODEL if reference == "smollm2" else reference)
+
+
 def prompts(count: int, seed: int = 1) -> list[list[dict[str, str]]]:
     rng = random.Random(seed)
     return [[{"role": "user", "content": " ".join(rng.choices(WORDS, k=24))}] for _ in range(count)]
 
 
-def summarize(latencies: list[float], tokens: int, wall: float, short: int) -> dict:
-    ordered = sorted(latencies)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else None  # noqa: E731
-    return {
+def percentile_ms(values: list[float], q: float) -> float | None:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1) if ordered else None
+
+
+def summarize(latencies: list[float], tokens: int, wall: float, short: int, ttfts: list[float] = ()) -> dict:
+    result = {
         "requests": len(latencies),
         "completion_tokens": tokens,
         "wall_s": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 1) if wall else 0.0,
         "requests_per_s": round(len(latencies) / wall, 2) if wall else 0.0,
-        "p50_ms": round(pick(0.5), 1) if ordered else None,
-        "p99_ms": round(pick(0.99), 1) if ordered else None,
+        "p50_ms": percentile_ms(latencies, 0.5),
+        "p99_ms": percentile_ms(latencies, 0.99),
         "ended_early": short,
     }
+    if ttfts:
+        result.update(ttft_p50_ms=percentile_ms(ttfts, 0.5), ttft_p99_ms=percentile_ms(ttfts, 0.99))
+    return result
 
 
 async def http_level(url: str, concurrency: int, count: int, args, failures: list) -> dict:
@@ -91,24 +108,48 @@ async def http_level(url: str, concurrency: int, count: int, args, failures: lis
 
     todo = list(enumerate(prompts(count)))
     latencies: list[float] = []
+    ttfts: list[float] = []
     tokens = short = 0
     deadline = time.monotonic() + args.level_seconds
+
+    async def streamed(client: httpx.AsyncClient, body: dict, started: float) -> tuple[float | None, int]:
+        """Time to the first content chunk and the completion tokens of a streamed request (SSE)."""
+        first, used = None, 0
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                raise httpx.HTTPStatusError(f"{response.status_code}", request=response.request, response=response)
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and any(c["delta"].get("content") for c in chunk.get("choices", [])):
+                    first = time.perf_counter() - started
+                if chunk.get("usage"):
+                    used = chunk["usage"]["completion_tokens"]
+        return first, used
 
     async def one(client: httpx.AsyncClient, index: int, messages: list[dict[str, str]], measured: bool) -> None:
         nonlocal tokens, short
         body = {"messages": messages, "max_tokens": args.max_tokens, "temperature": 1.0, "seed": index}
         started = time.perf_counter()
+        first = None
         try:
-            response = await client.post("/v1/chat/completions", json=body)
+            if args.stream:
+                first, used = await streamed(client, body, started)
+            else:
+                response = await client.post("/v1/chat/completions", json=body)
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code}: {response.text[:200]}")
+                    return
+                used = response.json()["usage"]["completion_tokens"]
         except httpx.HTTPError as error:
             failures.append(repr(error))
             return
-        if response.status_code != 200:
-            failures.append(f"{response.status_code}: {response.text[:200]}")
-            return
         if measured:
             latencies.append(time.perf_counter() - started)
-            used = response.json()["usage"]["completion_tokens"]
+            if first is not None:
+                ttfts.append(first)
             tokens += used
             short += used < args.max_tokens
 
@@ -124,7 +165,7 @@ async def http_level(url: str, concurrency: int, count: int, args, failures: lis
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return summarize(latencies, tokens, wall, short)
+    return summarize(latencies, tokens, wall, short, ttfts)
 
 
 def direct_latency(model: str, engine_spec, count: int, args) -> dict:
@@ -173,7 +214,11 @@ def serve_args(model: str, max_batch_size: int, args, db: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="exported model dir (default: build the default config, random weights)")
+    parser.add_argument(
+        "--model",
+        help="exported model dir, any model.name_or_path form, or smollm2 (default: a scratch GPT-2, random weights)",
+    )
+    parser.add_argument("--stream", action="store_true", help="stream every request (SSE); adds time to first token")
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level (at least 2x it)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
@@ -193,7 +238,7 @@ def main() -> None:
 
     failures: list[str] = []
     with tempfile.TemporaryDirectory(prefix="chatforge-serve-bench-") as tmp:
-        model = args.model or str(build_default_model(Path(tmp) / "model"))
+        model = resolve_model(args.model) if args.model else str(build_default_model(Path(tmp) / "model"))
         say(f"model: {model}")
         db = str(Path(tmp) / "feedback.db")
         port = free_port()
@@ -201,6 +246,7 @@ def main() -> None:
         result: dict = {
             "model": args.model or "default config (random weights)",
             "max_tokens": args.max_tokens,
+            "stream": args.stream,
             "max_batch_size": args.max_batch_size,
             "torch_threads": args.torch_threads,
             "cpus": os.cpu_count(),

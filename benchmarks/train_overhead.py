@@ -77,6 +77,7 @@ def bench_spec(args, output: str) -> dict:
         "name": "bench-train-overhead",
         "ray": {"num_cpus": args.workers},
         "model": {
+            "name_or_path": "scratch",
             "n_layer": args.n_layer,
             "n_embd": args.n_embd,
             "n_head": args.n_head,

@@ -56,6 +56,9 @@ def curation_table(manifest: dict) -> Table:
     table.add_row("", "kept", f"{manifest['kept']:,}")
     for reason, n in manifest["dropped"].items():
         table.add_row("dropped", reason, f"{n:,}")
+    for repair, n in manifest.get("repaired", {}).items():
+        if n:
+            table.add_row("repaired", repair, f"{n:,}")
     if manifest.get("augmented"):
         table.add_row("augmented", "slices added", f"{manifest['augmented']:,}")
     for name, n in manifest["splits"].items():

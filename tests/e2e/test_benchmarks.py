@@ -72,3 +72,44 @@ def test_serve_benchmark_smoke_run_serves_every_request():
         assert figures["levels"][level]["requests"] == 4
         assert figures["levels"][level]["completion_tokens"] == 4 * 8
     assert figures["direct"]["completion_tokens"] == 4 * 8 and figures["batching_gain"] > 0
+
+
+def test_serve_benchmark_streams_the_embedded_model_and_times_the_first_token():
+    figures = _bench(
+        "benchmarks/serve.py",
+        "--model",
+        "smollm2",
+        "--stream",
+        "--requests",
+        "2",
+        "--max-tokens",
+        "4",
+        "--concurrency",
+        "1",
+    )
+    assert figures["failed_requests"] == 0 and figures["stream"] is True
+    level = figures["levels"]["1"]
+    assert level["completion_tokens"] == 2 * 4
+    assert 0 < level["ttft_p50_ms"] <= level["p50_ms"]
+
+
+def test_quickstart_quality_compares_base_and_fine_tuned_perplexity(tmp_path):
+    from helpers.tiny_model import save_tiny_model
+    from helpers.train_data import write_curated
+
+    data = write_curated(tmp_path / "curated", n_train=4, n_val=4)
+    (data / "test").symlink_to(data / "val")
+    model = save_tiny_model(tmp_path / "model")
+    figures = _bench(
+        "benchmarks/quickstart_quality.py",
+        "--data",
+        str(data),
+        "--model",
+        str(model),
+        "--base",
+        str(model),
+        "--max-length",
+        "128",
+    )
+    assert figures["base"]["tokens"] == figures["fine_tuned"]["tokens"] > 0
+    assert figures["ratio"] == pytest.approx(1.0)

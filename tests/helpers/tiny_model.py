@@ -32,7 +32,15 @@ def save_tiny_model(path: Path, n_positions: int = 128) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(_texts(), VOCAB_SIZE)
-    spec = ModelSpec(n_layer=2, n_embd=32, n_head=2, max_length=n_positions, vocab_size=VOCAB_SIZE, dropout=0.0)
+    spec = ModelSpec(
+        name_or_path="scratch",
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        max_length=n_positions,
+        vocab_size=VOCAB_SIZE,
+        dropout=0.0,
+    )
     torch.manual_seed(0)
     model = build_model(spec, tokenizer)
     with torch.no_grad():

@@ -32,6 +32,7 @@ def write_curated(root: Path, n_train: int = 160, n_val: int = 24, seed: int = 0
 
 TINY_TRAINING = [
     "ray.num_cpus=2",
+    "model.name_or_path=scratch",
     "model.n_layer=2",
     "model.n_embd=64",
     "model.n_head=2",

@@ -23,7 +23,7 @@ from chatforge.train.model import (
 )
 from helpers.corpus import conversation
 
-TINY = {"vocab_size": 400, "n_layer": 2, "n_head": 2, "n_embd": 32, "max_length": 64}
+TINY = {"name_or_path": "scratch", "vocab_size": 400, "n_layer": 2, "n_head": 2, "n_embd": 32, "max_length": 64}
 
 
 @pytest.fixture(scope="module")

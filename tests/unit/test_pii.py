@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from chatforge.config import PII_TYPES, PiiSpec
@@ -259,6 +261,28 @@ def test_validators():
     assert luhn_valid("4111111111111111") and not luhn_valid("4111111111111112")
     assert iban_valid("GB82 WEST 1234 5698 7654 32") and not iban_valid("GB83WEST12345698765432")
     assert not iban_valid("GB82")
+
+
+def test_repaired_records_original_messages_are_scrubbed_with_the_same_placeholders():
+    original = [
+        {"role": "assistant", "content": "(cont.) mail me at carol@example.com"},
+        {"role": "user", "content": "ok, carol@example.com it is; call 555-123-4567"},
+        {"role": "assistant", "content": "Got it."},
+    ]
+    record = {
+        "id": "r",
+        "drop_reason": None,
+        "messages": original[1:],
+        "meta": json.dumps({"origin": "f#0", "original_messages": original}),
+    }
+    [out] = scrub_records([record], PiiSpec())
+    meta = json.loads(out["meta"])
+    assert meta["origin"] == "f#0"
+    text = json.dumps(meta["original_messages"])
+    assert "carol@example.com" not in text and "555-123-4567" not in text
+    assert meta["original_messages"][0]["content"] == "(cont.) mail me at [EMAIL_1]"
+    assert out["messages"][0]["content"].startswith("ok, [EMAIL_1] it is")
+    assert out["pii_counts"]["email"] == 1  # the conversation's own replacements, not the copy's
 
 
 def test_scrub_records_keeps_rows_skips_dropped_and_fills_zeros():

@@ -127,6 +127,23 @@ def test_guard_threshold():
     assert not guard.check_output(TOXIC).blocked  # no probability reaches 1.0 exactly
 
 
+def test_guard_passes_benign_templates_and_refuses_abusive_ones(blocking_guard):
+    """The default guard (the "targeted" scorer at 0.8) on the labeled template set: no benign answer refused
+    (words a lexical filter trips on, identity groups), >= 90% of the abusive ones the rules were written against."""
+    from chatforge.safety.evalset import template_set
+
+    examples = template_set()
+    refused_benign = [e.text for e in examples if not e.abusive and blocking_guard.check_output(e.text).blocked]
+    assert refused_benign == []
+    asked = [e for e in examples if not e.abusive][:20]
+    assert not any(blocking_guard.check_input([{"role": "user", "content": e.text}]).blocked for e in asked)
+    abusive = [e for e in examples if e.abusive and e.split == "dev"]
+    refused = sum(blocking_guard.check_output(e.text).blocked for e in abusive)
+    assert refused / len(abusive) >= 0.9
+    verdict = blocking_guard.check_input([{"role": "user", "content": "I hope you die"}])
+    assert verdict.blocked and verdict.score == 1.0
+
+
 def test_guard_all_off_builds_no_scorer():
     guard = Guard(GuardSpec(input_policy="off", output_policy="off"))
     assert guard.scorer is None

@@ -5,7 +5,14 @@ import pytest
 from chatforge.config import AugmentSpec, FiltersSpec, NormalizeSpec, SplitSpec
 from chatforge.data import schema
 from chatforge.data.augment import augment_records, turn_slices
-from chatforge.data.filters import filter_reason, filter_records, role_order_problem
+from chatforge.data.filters import (
+    filter_reason,
+    filter_records,
+    merge_consecutive_turns,
+    repair_turns,
+    role_order_problem,
+    trim_leading_assistant,
+)
 from chatforge.data.normalize import normalize_text
 from chatforge.data.split import assign_split, split_records
 
@@ -41,15 +48,98 @@ def test_filter_reasons_in_order():
     assert filter_reason([msg("user", "hi")], spec)[0] == "too_few_turns"
     assert filter_reason([msg("user", "x" * 11), msg("assistant", "y")], spec)[0] == "message_too_long"
     assert filter_reason([msg("user", "x" * 9), msg("assistant", "y" * 9)], spec)[0] == "too_long"
-    assert filter_reason([msg("user", "a"), msg("user", "b")], spec)[0] == "role_order"
+    assert filter_reason([msg("user", "a"), msg("system", "b"), msg("assistant", "c")], spec)[0] == "role_order"
     assert filter_reason([msg("system", "a"), msg("user", "b")], spec)[0] == "no_assistant_turn"
     assert filter_reason([msg("user", "a b"), msg("assistant", "c d")], spec)[0] == "too_many_tokens"
 
 
 def test_filter_empty_turns_removed_when_not_dropping():
     spec = FiltersSpec(drop_empty_turns=False)
-    reason, kept = filter_reason([msg("user", "a"), msg("assistant", ""), msg("assistant", "b")], spec)
-    assert reason is None and [m["content"] for m in kept] == ["a", "b"]
+    reason, kept, repairs = filter_reason([msg("user", "a"), msg("assistant", ""), msg("assistant", "b")], spec)
+    assert reason is None and [m["content"] for m in kept] == ["a", "b"] and repairs == []
+    # removing an empty turn can leave two turns of one role in a row: they are merged
+    reason, kept, repairs = filter_reason([msg("user", "a"), msg("assistant", ""), msg("user", "b")], spec)
+    assert kept == [msg("user", "a\n\nb")] and repairs == ["merged_turns"] and reason == "too_few_turns"
+
+
+def test_leading_assistant_turns_are_trimmed_after_a_system_turn():
+    part = [msg("assistant", "the answer"), msg("assistant", "continued"), msg("user", "q"), msg("assistant", "a")]
+    assert trim_leading_assistant(part) == part[2:]
+    assert trim_leading_assistant([msg("system", "s"), *part]) == [msg("system", "s"), *part[2:]]
+    whole = [msg("system", "s"), msg("user", "q"), msg("assistant", "a")]
+    assert trim_leading_assistant(whole) is whole
+    assert trim_leading_assistant([msg("assistant", "lone answer")]) == []
+    assert trim_leading_assistant([]) == []
+
+
+def test_consecutive_turns_of_one_role_are_merged_with_a_blank_line():
+    convo = [msg("user", "a"), msg("user", "b"), msg("user", "c"), msg("assistant", "d"), msg("assistant", "e")]
+    assert merge_consecutive_turns(convo) == [msg("user", "a\n\nb\n\nc"), msg("assistant", "d\n\ne")]
+    assert convo[0] == msg("user", "a")  # the input is not changed in place
+    alternating = [msg("system", "s"), msg("user", "a"), msg("assistant", "b")]
+    assert merge_consecutive_turns(alternating) == alternating
+
+
+def test_repairs_follow_the_policies():
+    part = [msg("assistant", "x"), msg("assistant", "y"), msg("user", "a"), msg("user", "b"), msg("assistant", "c")]
+    fixed = [msg("user", "a\n\nb"), msg("assistant", "c")]
+    # leading assistant turns are trimmed, not merged, so the repair is named once per kind
+    assert repair_turns(part, FiltersSpec()) == (fixed, ["leading_assistant", "merged_turns"])
+    assert repair_turns(part, FiltersSpec(leading_assistant="drop"))[1] == ["merged_turns"]
+    assert repair_turns(part, FiltersSpec(consecutive_turns="drop")) == (part[2:], ["leading_assistant"])
+    assert repair_turns(fixed, FiltersSpec()) == (fixed, [])
+
+    assert filter_reason(part, FiltersSpec()) == (None, fixed, ["leading_assistant", "merged_turns"])
+    for policy in ({"leading_assistant": "drop"}, {"consecutive_turns": "drop"}):
+        assert filter_reason(part, FiltersSpec(**policy)).reason == "role_order"
+    unchecked = filter_reason(part, FiltersSpec(require_alternation=False))
+    assert unchecked == (None, part, [])  # without the role-order check nothing is repaired either
+
+
+def test_repairs_run_before_the_turn_and_assistant_checks():
+    spec = FiltersSpec()
+    assert filter_reason([msg("assistant", "lone answer")], spec)[0] == "too_few_turns"
+    assert filter_reason([msg("assistant", "answer"), msg("user", "next question")], spec)[0] == "too_few_turns"
+    left = filter_reason([msg("system", "s"), msg("assistant", "answer"), msg("user", "q")], spec)
+    assert left == ("no_assistant_turn", [msg("system", "s"), msg("user", "q")], ["leading_assistant"])
+    merged = filter_reason(
+        [msg("user", "x" * 6), msg("user", "y" * 6), msg("assistant", "z")], FiltersSpec(max_message_chars=10)
+    )
+    assert merged.reason == "message_too_long"
+
+
+def test_a_repaired_record_keeps_its_original_messages_in_meta():
+    part = [msg("assistant", "answer"), msg("user", "q"), msg("user", "q2"), msg("assistant", "a")]
+    rows = [
+        {**record(part, rid="s:1"), "meta": json.dumps({"origin": "dump.json#record=2"})},
+        record([msg("user", "q"), msg("assistant", "a")], rid="s:2"),
+        record([msg("assistant", "lone answer")], rid="s:3"),
+        record([msg("gpt", "?")], rid="s:4", drop="malformed:unknown_role"),
+    ]
+    repaired, plain, lone, malformed = filter_records(rows, FiltersSpec())
+    assert repaired["drop_reason"] is None and repaired["repairs"] == ["leading_assistant", "merged_turns"]
+    assert repaired["messages"] == [msg("user", "q\n\nq2"), msg("assistant", "a")] and repaired["n_turns"] == 2
+    assert json.loads(repaired["meta"]) == {"origin": "dump.json#record=2", "original_messages": part}
+    assert plain["repairs"] == [] and json.loads(plain["meta"]) == {}
+    assert lone["drop_reason"] == "too_few_turns" and lone["repairs"] == ["leading_assistant"]
+    assert json.loads(lone["meta"])["original_messages"] == [msg("assistant", "lone answer")]
+    assert malformed["repairs"] is None and malformed["meta"] == "{}"
+
+
+def test_manifest_counts_repairs_of_kept_records():
+    from chatforge.data.pipeline import block_stats, merge_stats
+
+    def row(repairs, drop=None, augmented=False):
+        return {"drop_reason": drop, "repairs": repairs, "augmented": augmented, "split": "train"}
+
+    first = block_stats([row(["leading_assistant"]), row(["leading_assistant", "merged_turns"]), row([])])
+    second = block_stats(
+        [row(["merged_turns"]), row(["leading_assistant"], drop="too_few_turns"), row(None, drop="malformed:x")]
+        + [row(["leading_assistant"], augmented=True)]  # a slice of a repaired record is not a second repair
+    )
+    total = merge_stats([json.loads(json.dumps(first)), json.loads(json.dumps(second))])  # as the stats rows carry them
+    assert total["repaired"] == {"leading_assistant": 2, "merged_turns": 2}
+    assert total["kept"] == 4
 
 
 def test_filter_records_language_and_first_reason_wins():

@@ -245,7 +245,9 @@ def test_packed_attention_mask_is_block_diagonal_causal():
 @pytest.fixture(scope="module")
 def tiny_gpt2(tokenizer):
     torch.manual_seed(0)
-    spec = ModelSpec(vocab_size=400, n_layer=2, n_head=2, n_embd=32, max_length=512, dropout=0.0)
+    spec = ModelSpec(
+        name_or_path="scratch", vocab_size=400, n_layer=2, n_head=2, n_embd=32, max_length=512, dropout=0.0
+    )
     model = build_model(spec, tokenizer).eval()
     # larger weights than GPT-2's init make attention sharp, so any leak between samples shows clearly in the loss
     with torch.no_grad():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import functools
 import ipaddress
+import json
 import re
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from chatforge.config import PII_TYPES, PiiSpec
-from chatforge.data.schema import Record, RecordBatchFn, RecordStep, is_kept
+from chatforge.data.schema import ORIGINAL_MESSAGES, Record, RecordBatchFn, RecordStep, is_kept
 
 PII_COUNTS_TYPE = pa.struct([(pii_type, pa.int64()) for pii_type in PII_TYPES])
 
@@ -377,8 +378,26 @@ def scrub_records(records: list[Record], spec: PiiSpec) -> list[Record]:
                         counts[pii_type] += n
                 messages.append(message)
             record["messages"] = messages
+            if record.get("meta") and ORIGINAL_MESSAGES in record["meta"]:
+                record["meta"] = _scrub_original_messages(record["meta"], types, placeholders)
         record["pii_counts"] = counts
     return records
+
+
+def _scrub_original_messages(meta_json: str, types: frozenset[str], placeholders: dict[str, str] | None) -> str:
+    """Scrub the pre-repair copy of a conversation (``meta.original_messages``, see filters) like its turns.
+
+    The same placeholders dict keeps a value's number equal in both copies; these replacements are not counted
+    again in ``pii_counts``, which counts the conversation's own.
+    """
+    meta = json.loads(meta_json)
+    original = meta.get(ORIGINAL_MESSAGES)
+    if not isinstance(original, list):
+        return meta_json
+    for message in original:
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            message["content"] = scrub_text(message["content"], types, placeholders)[0]
+    return json.dumps(meta, ensure_ascii=False)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import chatforge
 from chatforge.config import CurateSpec, Spec, resolved
 from chatforge.data.augment import AugmentStep
 from chatforge.data.dedup import DedupStep
-from chatforge.data.filters import FiltersStep
+from chatforge.data.filters import REPAIRS, FiltersStep
 from chatforge.data.normalize import NormalizeStep
 from chatforge.data.pii import PiiStep
 from chatforge.data.schema import STAGE_SECONDS_COLUMN, apply_steps
@@ -91,6 +91,7 @@ def block_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "kept": 0,
         "augmented": 0,
         "dropped": Counter(),
+        "repaired": Counter(),
         "splits": Counter(),
         "pii_replacements": Counter(),
         "stage_seconds": Counter(),
@@ -112,6 +113,7 @@ def block_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 stats["dropped"][row["drop_reason"]] += 1
             else:
                 stats["kept"] += 1
+                stats["repaired"].update(row.get("repairs") or [])
             stats["pii_replacements"].update({k: v for k, v in (row.get("pii_counts") or {}).items() if v})
             score = row.get("toxicity")
             if score is not None:
@@ -267,6 +269,7 @@ def run_curation(spec: Spec) -> CurationResult:
         "input_records": stats["input_records"],
         "kept": stats["kept"],
         "dropped": dict(sorted(stats["dropped"].items(), key=lambda kv: (-kv[1], kv[0]))),
+        "repaired": {kind: stats["repaired"].get(kind, 0) for kind in REPAIRS},
         "augmented": stats["augmented"],
         "rows_written": written,
         "splits": dict(sorted(stats["splits"].items())),

@@ -4,7 +4,8 @@ One conversation per row. Base columns (every stage keeps them):
   id           stable: "<source>:<source id>", else "<source>:<content hash>"
   source       the name of the source in the spec
   messages     list<struct<role, content>>, roles system|user|assistant
-  meta         JSON string (origin "file#byte", source-specific fields)
+  meta         JSON string (origin "file#byte", source-specific fields; ``original_messages`` of a record whose
+               turns the filters repaired)
   raw          the raw text of a record that could not be read (null otherwise)
   drop_reason  null while the row is kept; the first reason a step rejects it ("mark, don't filter")
 
@@ -48,6 +49,8 @@ STAGE_SECONDS_TYPE = pa.map_(pa.string(), pa.float64())
 
 Record = dict[str, Any]
 BatchFn = Callable[[list[Record]], list[Record]]
+
+ORIGINAL_MESSAGES = "original_messages"  # meta key: a repaired conversation as filters received it
 
 
 def is_kept(record: Record) -> bool:

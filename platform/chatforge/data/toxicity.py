@@ -2,8 +2,10 @@
 
 Three parts, read top to bottom:
   scorers  `Scorer` is what curation, evaluation and the server's guard share: texts in, one dict of
-           label -> probability per text out, always with the label "toxicity". `ProfanityScorer` is the offline
-           default (the model shipped inside the alt-profanity-check package); `DetoxifyScorer` is production.
+           label -> probability per text out, always with the label "toxicity". The offline default, "targeted"
+           (`chatforge.safety.targeted.TargetedScorer`), counts `ProfanityScorer`'s words (the model shipped inside
+           the alt-profanity-check package) where they are aimed at the addressee, and adds slurs, threats and
+           wishes of harm; `DetoxifyScorer` is production.
   policy   `score_records`, a pure function of a batch of records (unit-tested without Ray).
   step     `ToxicityStep`: the scoring runs in Ray Data map tasks (each worker process loads the model once and
            keeps it) or on a pool of scorer actors (each loads it once); `toxicity.compute` chooses.
@@ -62,12 +64,13 @@ class Scorer(Protocol):
 
 
 class ProfanityScorer:
-    """The offline default: alt-profanity-check's TF-IDF + calibrated linear model, shipped inside its wheel.
+    """alt-profanity-check's TF-IDF + calibrated linear model, shipped inside its wheel: backend "profanity", and the
+    judge of words inside the default "targeted" backend.
 
-    It knows profanity and insults, not subtler toxicity (threats, identity attacks without slurs); use detoxify
-    for production data. The model is read from the package's files without scikit-learn (`profanity_model`:
-    ~0.3 s per process instead of ~1.9 s, the same scores); a package whose model is of another kind is used
-    through its own `predict_prob`.
+    A bag of words: it knows profanity and insults, not who they are aimed at ("that sucks" scores like "you suck")
+    nor threats without rude words; use detoxify for production data. The model is read from the package's files
+    without scikit-learn (`profanity_model`: ~0.3 s per process instead of ~1.9 s, the same scores); a package whose
+    model is of another kind is used through its own `predict_prob`.
     """
 
     labels = (TOXICITY_LABEL,)
@@ -183,6 +186,10 @@ def build_scorer(spec: ToxicitySpec) -> Scorer:
     """The scorer a spec names, with its model loaded."""
     if spec.backend == "detoxify":
         return DetoxifyScorer(spec.checkpoint, spec.huggingface_config_path, spec.device)
+    if spec.backend == "targeted":
+        from chatforge.safety.targeted import TargetedScorer
+
+        return TargetedScorer(ProfanityScorer())
     return ProfanityScorer()
 
 
@@ -280,12 +287,12 @@ def score_table(table: pa.Table, spec: ToxicitySpec) -> pa.Table:
 
 
 def uses_tasks(spec: ToxicitySpec) -> bool:
-    """Whether scoring runs as map tasks: ``compute``, or for "auto" the backend. The profanity model is a few MB of
-    scikit-learn, loaded in ~1.5 s: as a task it fuses with the maps around it (dedup's staged reads, augment,
-    split, the write), which run on every CPU, and no actor process has to start first; in the curation benchmark's
-    final pass a pool's two scorer actors took ~3 s to start, with the cores idle. A detoxify model is a transformer,
-    best loaded once per actor (and on its GPU)."""
-    return spec.compute == "tasks" or (spec.compute == "auto" and spec.backend == "profanity")
+    """Whether scoring runs as map tasks: ``compute``, or for "auto" the backend. The profanity model (alone or
+    inside "targeted") is a few MB, loaded in ~0.3 s: as a task it fuses with the maps around it (dedup's staged
+    reads, augment, split, the write), which run on every CPU, and no actor process has to start first; in the
+    curation benchmark's final pass a pool's two scorer actors took ~3 s to start, with the cores idle. A detoxify
+    model is a transformer, best loaded once per actor (and on its GPU)."""
+    return spec.compute == "tasks" or (spec.compute == "auto" and spec.backend != "detoxify")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The toxicity guard of the API: score what users send and what the model answers, then block or flag.
 
-The scorer is the curation one (``chatforge.data.toxicity.build_scorer``: the offline profanity model by
+The scorer is the curation one (``chatforge.data.toxicity.build_scorer``: the offline "targeted" scorer by
 default, detoxify for production), so serving and curation agree on what toxic means. Per direction the policy
 is ``block`` (refuse: the app answers ``refusal``), ``flag`` (serve, but mark the completion in the feedback
 store) or ``off`` (not scored at all).

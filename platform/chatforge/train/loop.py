@@ -296,7 +296,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dtype = resolve_dtype(spec.model.dtype) if use_gpu else torch.float32
     ds_config = deepspeed_config(spec.deepspeed, loop, use_gpu=use_gpu, bf16=dtype == torch.bfloat16)
     zero3_loading = None
-    if spec.deepspeed.zero_stage == 3 and spec.model.name_or_path is not None:
+    if spec.deepspeed.zero_stage == 3 and not spec.model.from_scratch:
         # Kept alive through from_pretrained: it makes transformers load straight into ZeRO-3 partitions
         # (deepspeed.zero.Init), so no rank ever holds the whole model.
         from transformers.integrations import HfDeepSpeedConfig

@@ -1,10 +1,11 @@
 """Tokenizers and models for fine-tuning: load (or train) a tokenizer with a chat template, build the model, add LoRA.
 
 Two paths, chosen by ``ModelSpec.name_or_path``:
-  * a Hugging Face id or local directory: the model's own tokenizer and weights (safetensors only), with a pad token
-    and a chat template added when missing;
-  * None (the offline default): a byte-level BPE tokenizer trained on the corpus and a small GPT-2 built from a
-    config.
+  * a pretrained model (HF id, local directory, GGUF file, or the embedded SmolLM2 default; `pretrained.model_path`
+    resolves them): the model's own tokenizer and weights (safetensors only), with a pad token and a chat template
+    added when missing;
+  * ``scratch``: a byte-level BPE tokenizer trained on the corpus and a small GPT-2 built from a config (seconds to
+    train; the tests use it).
 
 Either way the tokenizer carries the chat template, so the server renders prompts exactly as training did.
 """
@@ -28,6 +29,7 @@ from transformers import (
 )
 
 from chatforge.config import LoraSpec, ModelSpec
+from chatforge.train.pretrained import model_path
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-DEFAULT_DROPOUT = 0.1  # the default model's, when model.dropout is unset
+DEFAULT_DROPOUT = 0.1  # the scratch model's, when model.dropout is unset
 
 # Config fields that hold a dropout probability, across the architectures we expect (GPT-2, llama, qwen, mistral,
 # phi, gpt-neox, ...). Only those a config already has are overridden.
@@ -105,15 +107,15 @@ def load_tokenizer(spec: ModelSpec, texts: Iterable[str] | None = None) -> PreTr
     A model without a chat template gets ChatML, whose ``<|im_start|>``/``<|im_end|>`` are added as special tokens
     (the model's embeddings then grow in `build_model`).
     """
-    if spec.name_or_path is None:
+    if spec.from_scratch:
         if texts is None:
-            raise ValueError("model.name_or_path is not set, so a tokenizer is trained: pass the training texts")
+            raise ValueError("model.name_or_path is 'scratch', so a tokenizer is trained: pass the training texts")
         tokenizer = train_tokenizer(texts, spec.vocab_size)
         if spec.chat_template:
             tokenizer.chat_template = spec.chat_template
         return tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(spec.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path(spec.name_or_path))
     if tokenizer.pad_token is None:
         # A dedicated pad token rather than eos: pads are masked out of the loss and of attention, and a separate id
         # keeps "is this padding?" unambiguous for anything downstream that checks ids.
@@ -163,7 +165,7 @@ def build_model(
     ``torch_dtype`` defaults to fp32 (the master copy DeepSpeed expects; it casts to bf16 itself when configured).
     """
     dtype = torch_dtype or torch.float32
-    if spec.name_or_path is None:
+    if spec.from_scratch:
         config = GPT2Config(
             vocab_size=len(tokenizer),
             n_positions=spec.max_length,
@@ -179,14 +181,13 @@ def build_model(
         )
         model = GPT2LMHeadModel(config).to(dtype)
     else:
-        config = AutoConfig.from_pretrained(spec.name_or_path)
+        path = model_path(spec.name_or_path)
+        config = AutoConfig.from_pretrained(path)
         for field in DROPOUT_FIELDS:
             if spec.dropout is not None and isinstance(getattr(config, field, None), float):
                 setattr(config, field, spec.dropout)
         # use_safetensors=True refuses pickled (.bin) weights instead of silently unpickling them
-        model = AutoModelForCausalLM.from_pretrained(
-            spec.name_or_path, config=config, dtype=dtype, use_safetensors=True
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             log.info("resizing token embeddings %d -> %d", model.get_input_embeddings().num_embeddings, len(tokenizer))
             model.resize_token_embeddings(len(tokenizer))

@@ -27,6 +27,7 @@ from chatforge.config import Spec, TrainDataSpec, resolved
 from chatforge.runtime import fix_ray_data_first_limits
 from chatforge.train.loop import ADAPTER_DIR, METRICS_FILE, MODEL_DIR, TENSOR_KEYS, train_loop_per_worker
 from chatforge.train.model import load_tokenizer
+from chatforge.train.pretrained import model_path
 from chatforge.train.tokenize import make_rows, tokenize_conversation
 
 TOKENIZER_TRAINING_CONVERSATIONS = 50_000
@@ -231,11 +232,11 @@ def presplit_data_config(train_ds, world_size: int):
 
 def _added_token_ids(spec: Spec, tokenizer) -> list[int]:
     """Tokens the tokenizer added to a pretrained model's vocabulary (LoRA must train their embeddings)."""
-    if spec.model.name_or_path is None:
+    if spec.model.from_scratch:
         return []
     from transformers import AutoConfig
 
-    vocab_size = AutoConfig.from_pretrained(spec.model.name_or_path).vocab_size
+    vocab_size = AutoConfig.from_pretrained(model_path(spec.model.name_or_path)).vocab_size
     return sorted(i for i in tokenizer.get_added_vocab().values() if i >= vocab_size)
 
 
@@ -263,7 +264,7 @@ def run_training(spec: Spec, fault_at_step: int | None = None, progress=None) ->
     data_dirs = [resolve_data_dir(d.path) for d in spec.train.data]
 
     say("tokenizer")
-    texts = _training_texts(data_dirs) if spec.model.name_or_path is None else None
+    texts = _training_texts(data_dirs) if spec.model.from_scratch else None
     tokenizer = load_tokenizer(spec.model, texts)
     say("tokenizing and packing")
     train_ds, val_ds, data_stats = prepare_datasets(spec, spec.train.data, data_dirs, tokenizer)
