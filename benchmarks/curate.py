@@ -56,7 +56,7 @@ def run_ray(
     ``pin_cores``: confine the process and everything it starts (Ray's raylet, GCS, workers inherit the affinity)
     to these cores, so that a ``ray.num_cpus=1`` run really has one core. Timed runs do not sample memory: reading
     ~30 processes' PSS four times a second takes CPU, which a 2-core run pays for and a run pinned to one core
-    does not (the sampler runs on the free core), so sampling skewed the speed-up."""
+    does not (the sampler runs on the free core), so sampling would skew the speed-up."""
     cmd = [
         sys.executable,
         "-m",

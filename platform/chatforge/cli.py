@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -169,6 +170,61 @@ def training_table(summary: dict) -> Table:
     return table
 
 
+def report_fields(report: dict) -> str:
+    """One training report as the progress line's metrics: loss, lr, tokens/s, and val loss when evaluated."""
+    parts = []
+    if "loss" in report:
+        parts.append(f"loss {report['loss']:.3f}")
+    if "eval_loss" in report:
+        parts.append(f"val {report['eval_loss']:.3f}")
+    if "lr" in report:
+        parts.append(f"lr {report['lr']:.2e}")
+    if "tokens_per_s" in report:
+        parts.append(f"{report['tokens_per_s']:,.0f} tok/s")
+    return " · ".join(parts)
+
+
+@contextlib.contextmanager
+def training_progress(max_steps: int):
+    """A live bar for `chatforge train`: the phase before training, then step/total, metrics, elapsed and ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=12),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    import logging
+
+    import ray.data
+
+    # This bar is the progress: Ray Data's own bars and INFO lines for the tokenize/pack pass would interleave with it.
+    data_logger = logging.getLogger("ray.data")
+    level, data_logger.level = data_logger.level, logging.WARNING
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False
+    with contextlib.ExitStack() as restore:
+        restore.callback(setattr, data_logger, "level", level)
+        restore.callback(setattr, context, "enable_progress_bars", bars)
+        bar = restore.enter_context(Progress(*columns, console=console))
+        task = bar.add_task("starting", total=max_steps, metrics="")
+
+        def on_report(report: dict) -> None:
+            bar.update(task, description="training", completed=report.get("step", 0), metrics=report_fields(report))
+
+        yield (lambda message: bar.update(task, description=message)), on_report
+
+
 @app.command()
 def train(
     spec: Annotated[Path, typer.Argument(help="training spec (YAML), e.g. pipelines/finetune-zero2.yaml")],
@@ -190,8 +246,8 @@ def train(
         for source in loaded.train.data:
             resolve_data_dir(source.path)  # bad data fails here, before Ray starts
         init_ray(loaded.ray, idle_workers_per_cpu=0)
-        with console.status("training…") as status:
-            result = run_training(loaded, progress=lambda message: status.update(f"training: {message}…"))
+        with training_progress(loaded.train.max_steps) as (phase, on_report):
+            result = run_training(loaded, progress=phase, on_report=on_report)
     except (SpecError, TrainDataError, RayConnectError) as err:
         _fail(str(err))
     console.print(training_table(result.summary))

@@ -17,7 +17,7 @@ def fix_ray_data_first_limits() -> bool:
     An execution learns the cluster's size from its autoscaling coordinator, whose client answers from a cache and
     asks the coordinator actor in the background: its first answer is empty. The resource manager turns that into
     limits of zero CPUs and keeps them for a second (``GLOBAL_LIMITS_UPDATE_INTERVAL_S``), so every execution runs
-    one task (the one its liveness rule lets through) until then: on a 2-CPU Ray, four 2 s tasks took 5.3 s instead
+    one task (the one its liveness rule lets through) until then: on a 2-CPU Ray, four 2 s tasks take 5.3 s instead
     of 4. Patched: limits that are all zero (no CPU, GPU nor object store, which no real cluster has) are not kept,
     so the next scheduling step asks again, and until the coordinator answers (its actor starts during a job's first
     execution, ~1 s) the limits come from the whole cluster (`_cluster_limits`). Idempotent; a no-op (with a debug
@@ -96,19 +96,19 @@ def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> None:
     if not spec.address:
         # Ray Data's keyed shuffles run in worker pools of their own; with the default soft limit (one worker per CPU)
         # every switch between a map and a shuffle starts fresh Python workers, seconds each on small machines. Two
-        # per CPU keep them; more (3 per CPU until stop 17) only kept more idle workers, each holding 130-360 MB,
-        # the largest part of the 4x curation run's peak memory (docs/benchmarks.md).
+        # per CPU keep them; more only keep more idle workers, each holding 130-360 MB, which are the largest part
+        # of the 4x curation run's peak memory (docs/benchmarks.md).
         cpus = spec.num_cpus or os.cpu_count() or 1
         os.environ.setdefault("RAY_num_workers_soft_limit", str(idle_workers_per_cpu * max(2, cpus)))
-        # Ray Train's report queue is polled at this interval; the 2 s default throttles small runs (RAY-NOTES).
+        # Ray Train's report queue is polled at this interval; the 2 s default throttles small runs (docs/training.md).
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
         # Arrow's default allocator, mimalloc, keeps what a task freed: after the curation benchmark's 4x input the
-        # idle workers held 1.8 GB of heap with it and 0.85 GB with jemalloc, which hands freed pages back to the OS.
+        # idle workers hold 1.8 GB of heap with it and 0.85 GB with jemalloc, which hands freed pages back to the OS.
         # Workers of a local Ray inherit this; on a cluster, set it in the nodes' environment (docs/curation.md).
         os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
         # Ray's log monitor globs the session's log dir for new files every 0.1 s while it has fewer files than this,
-        # else every 0.5 s: 1.2% -> 0.5% of a core on an idle 2-CPU Ray (it took 2.3-3.1% beside training). A new
-        # worker's first lines reach the driver up to 0.5 s later; known files are still read every 0.1 s.
+        # else every 0.5 s: 0.5% of a core on an idle 2-CPU Ray instead of 1.2% (and 2.3-3.1% beside training). A
+        # new worker's first lines reach the driver up to 0.5 s later; known files are still read every 0.1 s.
         os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
     if not spec.address:
         # In this thread: Ray ties the processes it starts to the life of the thread that started them.

@@ -27,6 +27,9 @@ def test_train_command_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "packing efficiency" in result.stderr and str(out / "model") in result.stderr
+    # the live bar's last state: rank 0's reports reached the driver while fit() ran
+    assert "6/6" in result.stderr and "tok/s" in result.stderr and "val " in result.stderr
+    assert "row/s]" not in result.stderr  # no Ray Data progress bars, from the driver or the workers
     summary = json.loads((out / "training.json").read_text())
     assert summary["config"]["train"]["data"] == [{"path": str(data), "weight": 1.0, "tag": "chat"}]
     assert (out / "model" / "model.safetensors").exists()

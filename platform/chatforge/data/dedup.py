@@ -81,9 +81,9 @@ _BAND_MULTIPLIER = np.uint64(0x100000001B3)  # FNV-1a's prime, to mix the values
 _SHINGLES_PER_CHUNK = 1 << 16  # bounds the (num_perm x shingles) matrix of one chunk to num_perm * 256 KiB
 # The band rows (one per row per LSH band) are the largest thing dedup moves; bands go through the shuffle in groups
 # of about this many bytes, each group's edges materialized before the next (see DedupStep._marks). One partition's
-# worth: a group then needs no keyed shuffle until a single band outgrows a partition. With 256 MiB groups the 4x
-# curation benchmark's 16 bands went through one keyed shuffle of four partitions, whose map task (~0.6 GB) and
-# worker pool made most of that run's peak; in groups of one partition the peak fell ~0.2 GB (docs/benchmarks.md).
+# worth: a group then needs no keyed shuffle until a single band outgrows a partition. Larger groups put several
+# partitions' worth of bands through one keyed shuffle, whose map task and worker pool then make most of a large
+# run's peak memory (docs/benchmarks.md).
 BAND_SHUFFLE_BYTES = PARTITION_BYTES
 # Rows per staged file. The final pass reads one file per task and runs every step after dedup on it, so this bounds
 # that task's memory whatever the size of the read range the rows came from.
@@ -178,10 +178,9 @@ def minhash_signatures(texts: Sequence[str], num_perm: int, shingle_words: int, 
     """``(len(texts), num_perm)`` uint32 MinHash signatures of the texts' word shingles.
 
     Equal to datasketch's ``MinHash(num_perm, seed)`` fed the same shingle hashes, but computed for the whole
-    batch at once with numpy. Measured on 10k synthetic conversations (128 permutations, one core): 0.35 s, vs
-    0.73 s for ``MinHash.bulk`` on the same shingle hashes and 1.9 s for ``MinHash.bulk`` + ``LeanMinHash`` over
-    byte shingles (datasketch's default SHA-1). A text without words gets the all-max signature; callers keep such
-    texts out of the near stage.
+    batch at once with numpy: about twice as fast as datasketch's ``MinHash.bulk`` on the same hashes
+    (docs/benchmarks.md). A text without words gets the all-max signature; callers keep such texts out of the near
+    stage.
     """
     hashes, offsets = shingle_hashes(texts, shingle_words)
     a, b = _permutations(num_perm, seed)
@@ -256,7 +255,7 @@ def row_nodes(rows: Sequence[str] | pa.Array | pa.ChunkedArray) -> tuple[pa.Arra
     """The distinct row keys in sorted order, each row's index into them, and each distinct key's first row.
 
     Arrow's dictionary encoding, not Python strings: a band shuffle's partition holds ~0.5M band rows, whose keys
-    as Python objects took ~120 MB of a task's memory beside the 63 MB of Arrow they came from."""
+    as Python objects would take ~120 MB of a task's memory beside the 63 MB of Arrow they come from."""
     if isinstance(rows, pa.ChunkedArray):
         rows = rows.combine_chunks()
     elif not isinstance(rows, pa.Array):
@@ -524,9 +523,9 @@ def read_staged_files(batch: pa.Table, columns: list[str]) -> pa.Table:
 def read_staged(paths: list[str], columns: list[str]) -> Dataset:
     """Dedup's own staged files back as a Dataset, one read task per file.
 
-    Not ``read_parquet``: its listing and footer-sampling operators run as tasks of their own, and on the 4x
-    benchmark input they were the largest processes at the peak (docs/benchmarks.md). These files are ours, their
-    paths and schema known, so plain map tasks read them (and fuse with what follows)."""
+    Not ``read_parquet``: its listing and footer-sampling operators run as tasks of their own, which on the 4x
+    benchmark input are the largest processes at the peak (docs/benchmarks.md). These files are ours, their paths
+    and schema known, so plain map tasks read them (and fuse with what follows)."""
     items = ray.data.from_items([{"path": path} for path in paths], override_num_blocks=len(paths))
     return items.map_batches(
         functools.partial(read_staged_files, columns=columns), batch_size=1, batch_format="pyarrow"

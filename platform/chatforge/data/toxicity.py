@@ -69,8 +69,8 @@ class ProfanityScorer:
 
     A bag of words: it knows profanity and insults, not who they are aimed at ("that sucks" scores like "you suck")
     nor threats without rude words; use detoxify for production data. The model is read from the package's files
-    without scikit-learn (`profanity_model`: ~0.3 s per process instead of ~1.9 s, the same scores); a package whose
-    model is of another kind is used through its own `predict_prob`.
+    without scikit-learn (`profanity_model`: the same scores, without scikit-learn's import in every process that
+    scores); a package whose model is of another kind is used through its own `predict_prob`.
     """
 
     labels = (TOXICITY_LABEL,)
@@ -288,10 +288,10 @@ def score_table(table: pa.Table, spec: ToxicitySpec) -> pa.Table:
 
 def uses_tasks(spec: ToxicitySpec) -> bool:
     """Whether scoring runs as map tasks: ``compute``, or for "auto" the backend. The profanity model (alone or
-    inside "targeted") is a few MB, loaded in ~0.3 s: as a task it fuses with the maps around it (dedup's staged
-    reads, augment, split, the write), which run on every CPU, and no actor process has to start first; in the
-    curation benchmark's final pass a pool's two scorer actors took ~3 s to start, with the cores idle. A detoxify
-    model is a transformer, best loaded once per actor (and on its GPU)."""
+    inside "targeted") is a few MB and loads in a fraction of a second: as a task it fuses with the maps around it
+    (dedup's staged reads, augment, split, the write), which run on every CPU, and no actor process has to start
+    first while the cores wait (docs/benchmarks.md). A detoxify model is a transformer, best loaded once per actor
+    (and on its GPU)."""
     return spec.compute == "tasks" or (spec.compute == "auto" and spec.backend != "detoxify")
 
 
@@ -325,8 +325,8 @@ class ToxicityStep:
             num_cpus=cpus,
             # Ray Data fuses a task map into the actor pool after it when their resources match, and then everything
             # upstream of scoring (dedup's staged-row reads and marks, for one) runs inside the pool's few actors, one
-            # batch after another: the curation benchmark's final pass ran on one core of two. With a remote-args
-            # function the pool is never fused, so the maps before it run as parallel tasks beside the scorers.
+            # batch after another, on one core of two on a 2-CPU Ray. With a remote-args function the pool is never
+            # fused, so the maps before it run as parallel tasks beside the scorers.
             ray_remote_args_fn=partial(dict, num_cpus=cpus),
             batch_format="pyarrow",
         )
@@ -334,9 +334,9 @@ class ToxicityStep:
 
 def pool_size(spec: ToxicitySpec, total: float) -> tuple[int, int]:
     """The pool's smallest and largest size: ``concurrency`` actors when set; else one scorer per ``num_cpus`` CPUs of
-    the cluster, all started at once and let go down to one when idle. A single scorer held back the curation
-    benchmark's whole final pass on two cores; a pool grown from one on demand started its second scorer too late
-    to help (docs/benchmarks.md). ``total``: the cluster's CPUs."""
+    the cluster, all started at once and let go down to one when idle. A single scorer holds back the whole pass on
+    more than one CPU, and a pool grown from one on demand starts its next scorer too late to help
+    (docs/benchmarks.md). ``total``: the cluster's CPUs."""
     if spec.concurrency:
         return spec.concurrency, spec.concurrency
     return 1, max(1, int(total // spec.num_cpus))
@@ -346,10 +346,9 @@ def actor_cpus(spec: ToxicitySpec, actors: int, total: float) -> float:
     """CPUs each scorer actor reserves, leaving two CPUs of the cluster to the tasks around the pool.
 
     The pool's actors hold their CPUs for the whole run: if they took every CPU, the shuffles and maps upstream could
-    never be scheduled and the pipeline would wait forever (seen on a 1-CPU Ray). With one CPU left, the map feeding
-    the pool and the one draining it took turns on it (the curation benchmark's final pass, 2 CPUs); two let both
-    run. Reserving less only changes scheduling; the actors still use the cores the OS gives them. ``total``: the
-    cluster's CPUs.
+    never be scheduled and the pipeline would wait forever (seen on a 1-CPU Ray). With one CPU left, the map
+    feeding the pool and the one draining it take turns on it; with two, both run. Reserving less only changes
+    scheduling; the actors still use the cores the OS gives them. ``total``: the cluster's CPUs.
     """
     room = max(total - 2.0, 0.0) / actors
     return min(spec.num_cpus, room)

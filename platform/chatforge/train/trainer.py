@@ -28,6 +28,7 @@ from chatforge.runtime import fix_ray_data_first_limits
 from chatforge.train.loop import ADAPTER_DIR, METRICS_FILE, MODEL_DIR, TENSOR_KEYS, train_loop_per_worker
 from chatforge.train.model import load_tokenizer
 from chatforge.train.pretrained import model_path
+from chatforge.train.progress import follow_reports
 from chatforge.train.tokenize import make_rows, tokenize_conversation
 
 TOKENIZER_TRAINING_CONVERSATIONS = 50_000
@@ -240,10 +241,12 @@ def _added_token_ids(spec: Spec, tokenizer) -> list[int]:
     return sorted(i for i in tokenizer.get_added_vocab().values() if i >= vocab_size)
 
 
-def run_training(spec: Spec, fault_at_step: int | None = None, progress=None) -> TrainingResult:
+def run_training(spec: Spec, fault_at_step: int | None = None, progress=None, on_report=None) -> TrainingResult:
     """Train per ``spec`` into ``spec.train.output``; Ray must already be initialised.
 
-    ``fault_at_step`` kills one worker process at that step on the first attempt (to exercise resume in tests).
+    ``progress(message)`` hears each phase; ``on_report(metrics)`` each of rank 0's reports while training runs
+    (step, loss, lr, tokens_per_s, eval_loss), in a driver thread. ``fault_at_step`` kills one worker process at
+    that step on the first attempt (to exercise resume in tests).
     """
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -271,37 +274,39 @@ def run_training(spec: Spec, fault_at_step: int | None = None, progress=None) ->
     domains = [d.tag or Path(p).parent.name or f"data{i}" for i, (d, p) in enumerate(zip(spec.train.data, data_dirs))]
 
     scaling = spec.scaling
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "spec": resolved(spec),
-            "tokenizer": tokenizer,
-            "domains": domains,
-            "trainable_token_ids": _added_token_ids(spec, tokenizer),
-            "fault_at_step": fault_at_step,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers,
-            use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker},
-        ),
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name="train",
-            storage_path=checkpoints,
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=scaling.max_failures),
-        ),
-        datasets={"train": train_ds, "val": val_ds},
-        dataset_config=presplit_data_config(train_ds, scaling.num_workers),
-    )
-    say(f"training on {scaling.num_workers} workers (ZeRO-{spec.deepspeed.zero_stage}, {spec.method})")
-    context = ray.data.DataContext.get_current()
-    bars, context.enable_progress_bars = context.enable_progress_bars, False  # workers' data bars are noise in logs
-    try:
-        result = trainer.fit()
-    finally:
-        context.enable_progress_bars = bars
+    with follow_reports(on_report) as callbacks:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "spec": resolved(spec),
+                "tokenizer": tokenizer,
+                "domains": domains,
+                "trainable_token_ids": _added_token_ids(spec, tokenizer),
+                "fault_at_step": fault_at_step,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=scaling.num_workers,
+                use_gpu=scaling.use_gpu,
+                resources_per_worker={"CPU": scaling.cpus_per_worker},
+            ),
+            torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+            run_config=RunConfig(
+                name="train",
+                storage_path=checkpoints,
+                checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=scaling.max_failures),
+                callbacks=callbacks,
+            ),
+            datasets={"train": train_ds, "val": val_ds},
+            dataset_config=presplit_data_config(train_ds, scaling.num_workers),
+        )
+        say(f"training on {scaling.num_workers} workers (ZeRO-{spec.deepspeed.zero_stage}, {spec.method})")
+        context = ray.data.DataContext.get_current()
+        bars, context.enable_progress_bars = context.enable_progress_bars, False  # workers' data bars are noise in logs
+        try:
+            result = trainer.fit()
+        finally:
+            context.enable_progress_bars = bars
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
 
