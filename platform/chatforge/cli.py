@@ -184,6 +184,14 @@ def report_fields(report: dict) -> str:
     return " · ".join(parts)
 
 
+def _first_line_of_cause(error: BaseException) -> str:
+    """The innermost error's message (a worker's own exception, not Ray's wrapping), for a one-line failure."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
 @contextlib.contextmanager
 def training_progress(max_steps: int):
     """A live bar for `chatforge train`: the phase before training, then step/total, metrics, elapsed and ETA."""
@@ -236,6 +244,8 @@ def train(
     output: Annotated[str | None, typer.Option("--output", "-o", help="output directory")] = None,
 ) -> None:
     """Fine-tune a chat model on curated data with Ray Train + DeepSpeed; writes OUTPUT/model and metrics."""
+    from ray.train import TrainingFailedError
+
     from chatforge.runtime import RayConnectError, init_ray
     from chatforge.train.trainer import TrainDataError, resolve_data_dir, run_training
 
@@ -250,6 +260,8 @@ def train(
             result = run_training(loaded, progress=phase, on_report=on_report)
     except (SpecError, TrainDataError, RayConnectError) as err:
         _fail(str(err))
+    except TrainingFailedError as err:  # the workers' own error, after Ray Train's retries (scaling.max_failures)
+        _fail(f"training failed: {_first_line_of_cause(err)}", code=1)
     console.print(training_table(result.summary))
     console.print(f"model: [bold]{result.summary['model_dir']}[/]", highlight=False, soft_wrap=True)
 

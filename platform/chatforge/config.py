@@ -89,6 +89,15 @@ PII_TYPES: tuple[PiiType, ...] = ("email", "phone", "card", "iban", "ip", "secre
 class PiiSpec(Strict):
     types: list[PiiType] = Field(default_factory=lambda: list(PII_TYPES))
     consistent: bool = Field(True, description="the same value gets the same placeholder within a conversation")
+    ner: Literal["off", "presidio"] = Field(
+        "off",
+        description="names, places and dates of birth, which the regexes cannot find: 'presidio' runs Presidio's "
+        "analyzer over a local spaCy model (pip install presidio-analyzer, plus the model)",
+    )
+    ner_model: str = Field(
+        "en_core_web_lg", description="ner=presidio: an installed spaCy model package, or a local model directory"
+    )
+    ner_score_threshold: float = Field(0.5, ge=0, le=1, description="ner=presidio: the lowest score replaced")
 
 
 class DedupSpec(Strict):

@@ -41,3 +41,15 @@ def test_train_without_val_split_is_a_clear_error(tmp_path):
     result = chatforge("train", "pipelines/quickstart.yaml", "--data", str(tmp_path / "data"), "ray.num_cpus=1")
     assert result.returncode == 2
     assert "no val/ split" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_diverging_run_fails_with_one_clear_line_and_no_model(tmp_path):
+    data = write_curated(tmp_path / "curated")
+    out = tmp_path / "run"
+    overrides = [*TINY_TRAINING, "train.max_steps=6", "train.lr=1e30", "scaling.max_failures=0"]
+    result = chatforge("train", "pipelines/quickstart.yaml", "--data", str(data), "--output", str(out), *overrides)
+    assert result.returncode == 1
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "training failed" in line and "NonFiniteLossError" in line and "Lower train.lr" in line
+    assert not (out / "model").exists() and not (out / "training.json").exists()

@@ -1,6 +1,7 @@
 """Fine-tuning on a 2-CPU Ray with 2 workers (gloo, fp32): every ZeRO stage, offload, LoRA, resume, export."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -18,13 +19,19 @@ def data_dir(tmp_path_factory):
     return write_curated(tmp_path_factory.mktemp("curated"))
 
 
-def train(tmp_path, data_dir, *overrides, fault_at_step=None):
+def train(tmp_path, data_dir, *overrides, fault_at_step=None, out="out"):
     spec = load_spec(
-        None, [*TINY_TRAINING, f"train.data=[{{path: '{data_dir}'}}]", f"train.output={tmp_path / 'out'}", *overrides]
+        None, [*TINY_TRAINING, f"train.data=[{{path: '{data_dir}'}}]", f"train.output={tmp_path / out}", *overrides]
     )
     result = run_training(spec, fault_at_step=fault_at_step)
-    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
     return result, rows
+
+
+def final_loop_state(output) -> dict:
+    """``loop_state.json`` of the run's last checkpoint (the one the model was exported with)."""
+    states = [json.loads(p.read_text()) for p in (output / "checkpoints").rglob("loop_state.json")]
+    return max(states, key=lambda state: state["step"])
 
 
 def generates(model_dir):
@@ -58,8 +65,25 @@ def test_zero2_trains_exports_and_records(ray_local, tmp_path, data_dir):
     assert summary["config"]["deepspeed"]["zero_stage"] == 2
     assert summary["final_metrics"]["step"] == 16
     assert summary["data"]["packing_efficiency"] > 0.9
-    tokenizer, _ = generates(tmp_path / "out" / "model")
+    tokenizer, model = generates(tmp_path / "out" / "model")
     assert "<|im_start|>" in tokenizer.chat_template  # the template the server will use is saved with the model
+
+    # What was exported, read back: metrics.jsonl has a row per log step (log_every=2) and per eval (eval_every=6,
+    # and the last step), and training.json's final metrics are its last log and eval rows, as the run reported them.
+    assert [r["step"] for r in rows if "loss" in r] == list(range(2, 17, 2))
+    assert [r["step"] for r in rows if "eval_loss" in r] == [6, 12, 16]
+    assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+    last_log = next(r for r in reversed(rows) if "loss" in r)
+    last_eval = next(r for r in reversed(rows) if "eval_loss" in r)
+    final = summary["final_metrics"]
+    assert {k: final[k] for k in last_log} == last_log and {k: final[k] for k in last_eval} == last_eval
+    assert final == json.loads(json.dumps(result.summary["final_metrics"]))
+    assert final["exported_step"] == 16 and final["stopped_early"] is False
+    assert final["total_params"] == sum(p.numel() for p in model.parameters())
+    # the exported weights are the ones the last eval row describes
+    exported = sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()) ** 0.5
+    assert exported == pytest.approx(last_eval["weight_norm"], rel=1e-6)
+    assert final_loop_state(tmp_path / "out")["step"] == 16
 
 
 @pytest.mark.slow
@@ -77,16 +101,53 @@ def test_other_zero_stages_and_offload(ray_local, tmp_path, data_dir, stage, off
     assert sum(p.numel() for p in model.parameters()) == result.summary["final_metrics"]["total_params"]
 
 
-def test_resume_after_worker_dies(ray_local, tmp_path, data_dir):
-    result, rows = train(
-        tmp_path, data_dir, "train.max_steps=12", "train.checkpoint_every=4", "train.eval_every=12", fault_at_step=7
-    )
+def test_resume_after_worker_dies_matches_an_uninterrupted_run(ray_local, tmp_path, data_dir):
+    settings = ("train.max_steps=12", "train.checkpoint_every=4", "train.eval_every=12")
+    result, rows = train(tmp_path, data_dir, *settings, fault_at_step=7, out="resumed")
     resumed = [r for r in rows if r.get("event") == "resumed"]
     assert [r["step"] for r in resumed] == [4]  # restarted from the step-4 checkpoint, not from zero
     logged = [r["step"] for r in rows if "loss" in r]
     assert logged == sorted(logged) and logged[-1] == 12
     assert logged.count(6) == 1  # steps after the checkpoint were redone once, from the checkpoint
     assert result.summary["final_metrics"]["step"] == 12
+
+    _, straight_rows = train(tmp_path, data_dir, *settings, out="straight")
+    assert not any(r.get("event") == "resumed" for r in straight_rows)
+    # the same data position: the resumed run skipped exactly the micro-batches the checkpoint had consumed
+    position = ("step", "epoch", "micro_batches_in_epoch")
+    resumed_state, straight_state = (final_loop_state(tmp_path / out) for out in ("resumed", "straight"))
+    assert {k: resumed_state[k] for k in position} == {k: straight_state[k] for k in position}
+    # the same losses step by step, and the same weights after 12 steps
+    for a, b in zip((r for r in rows if "loss" in r), (r for r in straight_rows if "loss" in r), strict=True):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    weights = {
+        out: AutoModelForCausalLM.from_pretrained(tmp_path / out / "model").state_dict()
+        for out in ("resumed", "straight")
+    }
+    assert weights["resumed"].keys() == weights["straight"].keys()
+    for name, tensor in weights["resumed"].items():
+        torch.testing.assert_close(tensor, weights["straight"][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_non_finite_loss_stops_the_run_and_exports_nothing(ray_local, tmp_path, data_dir):
+    # Adam moves every weight by about lr in the first step: 1e30 makes the second step's activations overflow.
+    with pytest.raises(Exception, match=r"step 2: the training loss .* is not finite") as failure:
+        train(
+            tmp_path,
+            data_dir,
+            "train.lr=1e30",
+            "train.warmup_steps=0",
+            "train.schedule=constant",
+            "train.max_steps=8",
+            "train.checkpoint_every=1",
+            "scaling.max_failures=0",  # a retry from the step-1 checkpoint would fail the same way, only later
+        )
+    assert "NonFiniteLossError" in str(failure.value)
+    out = tmp_path / "out"
+    assert not (out / "model").exists() and not (out / "training.json").exists()
+    checkpoints = list((out / "checkpoints").rglob("loop_state.json"))
+    assert [json.loads(p.read_text())["step"] for p in checkpoints] == [1]  # nothing was saved of step 2
+    assert not list((out / "checkpoints").rglob("model"))
 
 
 def test_lora_exports_adapter_and_merged_model(ray_local, tmp_path, data_dir):

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
+from dataclasses import dataclass
 
 import pytest
 
 from chatforge.config import PII_TYPES, PiiSpec
-from chatforge.data.pii import LABELS, PII_COUNTS_TYPE, find_pii, iban_valid, luhn_valid, scrub_records, scrub_text
+from chatforge.data import pii
+from chatforge.data.pii import (
+    LABELS,
+    NER_TYPES,
+    PII_COUNTS_TYPE,
+    PiiBackendError,
+    PiiStep,
+    check_ner_backend,
+    counts_type,
+    find_pii,
+    iban_valid,
+    luhn_valid,
+    scrub_records,
+    scrub_text,
+    ssn_valid,
+)
 from chatforge.data.schema import BASE_SCHEMA, records_to_table, with_columns
 
 ZEROS = dict.fromkeys(PII_TYPES, 0)
@@ -25,6 +43,9 @@ JWT = (
     + ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
 )
 PEM_KEY = "-----BEGIN " + "RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA1b2c3d4e5f6+/abc=\n-----END RSA PRIVATE KEY-----"
+HF_TOKEN = "hf" + "_" + "AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh"
+GITLAB_TOKEN = "gl" + "pat-" + "xYz12AbC34dEf56GhI78"
+OPAQUE_TOKEN = "9f8e7d6c" + "5b4a3928_17e6d5c4b3a2"
 
 # (type, the value that must disappear, a sentence holding it)
 SEEDED = [
@@ -84,6 +105,27 @@ SEEDED = [
     ("national_id", "AB 12 34 56 C", "My NI number is AB 12 34 56 C."),
     ("national_id", "JG103759A", "NINO: JG103759A"),
     ("national_id", "NY 12 34 56 D", "National Insurance NY 12 34 56 D for payroll."),
+    # formats beyond the first set: European and international phones, IDN emails, other separators and cases
+    ("email", "info@bücher.de", "Schreib an info@bücher.de, bitte."),
+    ("email", "anna@пример.рф", "Пиши на anna@пример.рф завтра."),
+    ("phone", "06 12 34 56 78", "Mon portable : 06 12 34 56 78, merci."),
+    ("phone", "06.12.34.56.78", "Appelle le 06.12.34.56.78 ce soir."),
+    ("phone", "0044 20 7946 0958", "From Germany dial 0044 20 7946 0958."),
+    ("phone", "07700900123", "Text me on 07700900123 when you land."),
+    ("phone", "+33 6 12 34 56 78", "En France : +33 6 12 34 56 78."),
+    ("card", "4111.1111.1111.1111", "Card 4111.1111.1111.1111 on file."),
+    ("card", "4111 1111-1111 1111", "I typed 4111 1111-1111 1111 by mistake."),
+    ("iban", "de89 3704 0044 0532 0130 00", "iban: de89 3704 0044 0532 0130 00"),
+    ("iban", "DE89-3704-0044-0532-0130-00", "Pay DE89-3704-0044-0532-0130-00 today."),
+    ("iban", "BE68 5390 0754 7034", "Belgian account BE68 5390 0754 7034 thx"),
+    ("ip", "192.168.001.010", "The log shows 192.168.001.010 again."),
+    ("secret", HF_TOKEN, f"HF_TOKEN is {HF_TOKEN} for the gated model."),
+    ("secret", GITLAB_TOKEN, f"git clone with {GITLAB_TOKEN} as the password"),
+    ("secret", OPAQUE_TOKEN, f'curl -H "Authorization: Bearer {OPAQUE_TOKEN}" https://api.example.com'),
+    ("secret", "hunter22", "my password is hunter22, don't tell anyone"),
+    ("secret", "swordfish", "The password for the wifi was 'swordfish'."),
+    ("national_id", "123 45 6789", "SSN 123 45 6789 on the form."),
+    ("national_id", "123456789", "My social security number is 123456789."),
 ]
 
 
@@ -186,6 +228,22 @@ CLEAN = [
     "secret=settings.SECRET_KEY and token=self.token",
     "api_key=os.environ['OPENAI_API_KEY'] or api_key=${API_KEY} or password=<your-password>",
     "Run pwd: /home/me/project, then git clone git@github.com:org/repo.git",
+    "Rendez-vous le 15.01.2024 à 10h30, ou le 2024.01.16.",
+    "ISBN 0306406152 and ISBN 0718050102 are paperbacks; order 0612345678 was split.",
+    "Ticket 000123456 is closed and invoice 1234567890 is paid.",
+    "Versions 01.02.03.04 and 1.02.3.4 are not addresses.",
+    "Lottery numbers 04 10 32 24 and 01 02 03 04 05 06 came up.",
+    "Use Bearer authentication: send the bearer token in the header.",
+    "Authorization: Bearer <token>, Authorization: Bearer $API_TOKEN or Bearer YOUR_API_KEY.",
+    "Your password is incorrect, and the password is case-sensitive.",
+    "The password is required; the password was reset yesterday.",
+    "pip install hf_transfer, then call hf_hub_download() with glpat-short.",
+    "Commit de12ab34cd56ef7890ab12cd34ef56ab78cd90ef fixed it.",
+    "Request de305d54-75b4-431b-adb2-eb6b9e546014 failed.",
+    "Checksums fail for 4111 1111 1111 1112 and 4111.1111.1111.1112.",
+    "Lowercase but invalid: de89 3704 0044 0532 0130 01.",
+    "The Social Security Administration's number is on the letter.",
+    "Prices 1.299,99 € and 2.499,00 € in the catalogue.",
 ]
 
 
@@ -261,6 +319,8 @@ def test_validators():
     assert luhn_valid("4111111111111111") and not luhn_valid("4111111111111112")
     assert iban_valid("GB82 WEST 1234 5698 7654 32") and not iban_valid("GB83WEST12345698765432")
     assert not iban_valid("GB82")
+    assert ssn_valid("123-45-6789") and ssn_valid("123 45 6789") and ssn_valid("123456789")
+    assert not ssn_valid("666-45-6789") and not ssn_valid("12345678")
 
 
 def test_repaired_records_original_messages_are_scrubbed_with_the_same_placeholders():
@@ -285,7 +345,7 @@ def test_repaired_records_original_messages_are_scrubbed_with_the_same_placehold
     assert out["pii_counts"]["email"] == 1  # the conversation's own replacements, not the copy's
 
 
-def test_scrub_records_keeps_rows_skips_dropped_and_fills_zeros():
+def test_scrub_records_scrubs_kept_and_dropped_rows_and_fills_zeros():
     rows = [
         {"id": "a", "drop_reason": None, "messages": [{"role": "user", "content": "hi, I'm a@example.com"}]},
         {"id": "b", "drop_reason": "empty_turn", "messages": [{"role": "user", "content": "b@example.com"}]},
@@ -297,11 +357,73 @@ def test_scrub_records_keeps_rows_skips_dropped_and_fills_zeros():
     assert [r["id"] for r in out] == ["a", "b", "c", "d", "e"]
     assert out[0]["messages"][0]["content"] == "hi, I'm [EMAIL_1]"
     assert out[0]["pii_counts"] == {**ZEROS, "email": 1}
-    assert out[1]["messages"][0]["content"] == "b@example.com"
-    assert out[3]["raw"] == "{a@example.com"
-    for row in out[1:]:
-        assert row["pii_counts"] == ZEROS
+    # dropped rows go to dropped/ as well: their turns and raw text are scrubbed and counted like kept ones
+    assert out[1]["messages"][0]["content"] == "[EMAIL_1]"
+    assert out[1]["pii_counts"] == {**ZEROS, "email": 1}
+    assert out[3]["raw"] == "{[EMAIL_1]"
+    assert out[3]["pii_counts"] == {**ZEROS, "email": 1}
+    assert out[2]["messages"] == rows[2]["messages"] and out[4]["messages"] == rows[4]["messages"]
+    for row in out:
         assert list(row["pii_counts"]) == list(PII_TYPES)
+    for row in (out[2], out[4]):
+        assert row["pii_counts"] == ZEROS
+
+
+def test_raw_json_text_is_scrubbed_through_its_escapes():
+    # a record that could not be read keeps its JSON source; "\n" before a value must not hide it
+    raw = '{"conversations": [{"from": "human", "value": "mail me:\\nbob@example.com\\n555-123-4567"}, {"from'
+    [out] = scrub_records([{"id": "r", "drop_reason": "malformed:truncated", "messages": None, "raw": raw}], PiiSpec())
+    assert out["raw"] == raw.replace("bob@example.com", "[EMAIL_1]").replace("555-123-4567", "[PHONE_1]")
+    assert out["pii_counts"] == {**ZEROS, "email": 1, "phone": 1}
+
+
+def test_meta_strings_are_scrubbed_except_origin():
+    meta = {
+        "origin": "/data/alice@example.com/chats.jsonl#3",
+        "error": "turn 2 needs keys 'from' and 'value', has ['text'] (text: call 555-123-4567)",
+        "prompt": "Talk to bob@example.com about the trip",
+        "ratings": [5, 4],
+        "extra": {"contacts": ["bob@example.com", "+44 20 7946 0958"], "n": 3},
+    }
+    record = {
+        "id": "m",
+        "drop_reason": "malformed:bad_turn",
+        "messages": None,
+        "raw": '{"id": 1, "messages": [{"text": "call 555-123-4567"}]}',
+        "meta": json.dumps(meta),
+    }
+    [out] = scrub_records([record], PiiSpec())
+    scrubbed = json.loads(out["meta"])
+    assert scrubbed["origin"] == meta["origin"]  # file and line, kept so the row can be found
+    assert scrubbed["error"].endswith("(text: call [PHONE_1])")  # the number raw holds, so the same placeholder
+    assert scrubbed["prompt"] == "Talk to [EMAIL_1] about the trip"
+    assert scrubbed["ratings"] == [5, 4]
+    assert scrubbed["extra"] == {"contacts": ["[EMAIL_1]", "[PHONE_2]"], "n": 3}
+    assert out["raw"] == '{"id": 1, "messages": [{"text": "call [PHONE_1]"}]}'
+    # raw 1 phone; meta's own fields: 1 phone, 2 emails, 1 phone
+    assert out["pii_counts"] == {**ZEROS, "phone": 3, "email": 2}
+
+
+def test_meta_without_pii_is_left_byte_for_byte():
+    for meta in ('{"origin": "f.jsonl#1"}', '{"origin":"f#2","title":"A quiet day","tags":["x"]}', "not json"):
+        [out] = scrub_records(
+            [{"id": "x", "drop_reason": None, "messages": [{"role": "user", "content": "hi"}], "meta": meta}],
+            PiiSpec(),
+        )
+        assert out["meta"] is meta
+
+
+def test_meta_that_is_not_json_is_scrubbed_as_text():
+    [out] = scrub_records(
+        [{"id": "x", "drop_reason": "malformed:x", "messages": None, "meta": "a@example.com"}], PiiSpec()
+    )
+    assert out["meta"] == "[EMAIL_1]"
+
+
+def test_iban_cut_to_its_country_length():
+    # the groups ran on into the next word; the match is cut back to Belgium's 16 characters
+    assert find_pii("BE68 5390 0754 7034 thx")[0][:2] == (0, 19)
+    assert iban_valid("be68-5390-0754-7034") and not iban_valid("BE68 5390 0754 7034 00")
 
 
 def test_counts_fit_the_arrow_type():
@@ -312,3 +434,145 @@ def test_counts_fit_the_arrow_type():
     out = scrub_records([{**r, "drop_reason": None} for r in rows], PiiSpec())
     table = records_to_table(out, with_columns(BASE_SCHEMA, {"pii_counts": PII_COUNTS_TYPE}))
     assert table.column("pii_counts").to_pylist() == [{**ZEROS, "ip": 1}]
+
+
+# ---------------------------------------------------------------- the optional NER backend
+
+
+@dataclass
+class FakeResult:
+    """The three attributes of Presidio's RecognizerResult that the backend reads."""
+
+    entity_type: str
+    start: int
+    end: int
+    score: float
+
+
+class FakeAnalyzer:
+    """Finds each of ``entities`` (text -> Presidio entity type) wherever it occurs, as a NER model would."""
+
+    def __init__(self, entities: dict[str, str]):
+        self.entities = entities
+        self.calls = []
+
+    def analyze(self, text, language, entities, score_threshold):
+        self.calls.append((language, tuple(entities), score_threshold))
+        return [
+            FakeResult(kind, m.start(), m.end(), 0.85)
+            for value, kind in self.entities.items()
+            for m in re.finditer(re.escape(value), text)
+        ]
+
+
+NER_SPEC = PiiSpec(ner="presidio", ner_model="en_test_model", ner_score_threshold=0.4)
+
+
+@pytest.fixture
+def fake_presidio(monkeypatch):
+    analyzer = FakeAnalyzer(
+        {
+            "Alice Smith": "PERSON",
+            "alice smith": "PERSON",
+            "12 Baker Street, London": "LOCATION",
+            "12/03/1985": "DATE_TIME",
+            "2024-01-15": "DATE_TIME",
+            "alice@example.com": "PERSON",  # a model's mistake that the regexes must win over
+        }
+    )
+    monkeypatch.setattr(pii, "_presidio_analyzer", lambda model: analyzer)
+    monkeypatch.setattr(pii, "check_ner_backend", lambda spec: None)
+    return analyzer
+
+
+def test_ner_backend_replaces_names_places_and_dates_of_birth(fake_presidio):
+    record = {
+        "id": "n",
+        "drop_reason": None,
+        "messages": [
+            {"role": "user", "content": "I'm Alice Smith, born on 12/03/1985, at 12 Baker Street, London."},
+            {
+                "role": "assistant",
+                "content": "Thanks alice smith; your order of 2024-01-15 ships to alice@example.com.",
+            },
+        ],
+    }
+    [out] = scrub_records([record], NER_SPEC)
+    assert [m["content"] for m in out["messages"]] == [
+        "I'm [PERSON_1], born on [DATE_OF_BIRTH_1], at [LOCATION_1].",
+        # the same name in another case is the same person; a date with no word of birth before it is just a date
+        "Thanks [PERSON_1]; your order of 2024-01-15 ships to [EMAIL_1].",
+    ]
+    assert out["pii_counts"] == {
+        **ZEROS,
+        "email": 1,
+        "person": 2,
+        "location": 1,
+        "date_of_birth": 1,
+    }
+    assert fake_presidio.calls[0] == ("en", ("PERSON", "LOCATION", "DATE_TIME"), 0.4)
+    table = records_to_table([out], with_columns(BASE_SCHEMA, {"pii_counts": counts_type(NER_SPEC)}))
+    assert table.column("pii_counts").to_pylist() == [out["pii_counts"]]
+
+
+def test_ner_counts_are_only_added_when_the_backend_is_on():
+    assert [f.name for f in counts_type(NER_SPEC)] == [*PII_TYPES, *NER_TYPES]
+    assert counts_type(PiiSpec()) == PII_COUNTS_TYPE
+    step_fn = PiiStep(PiiSpec()).record_fn()
+    assert step_fn.adds["pii_counts"] == PII_COUNTS_TYPE
+
+
+def test_missing_presidio_fails_in_the_driver_naming_what_to_install(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        pii.importlib.util, "find_spec", lambda name: None if name == "presidio_analyzer" else real_find_spec(name)
+    )
+    with pytest.raises(PiiBackendError, match="pip install presidio-analyzer"):
+        PiiStep(NER_SPEC).record_fn()
+    PiiStep(PiiSpec()).record_fn()  # off by default: nothing to install
+
+
+def test_missing_spacy_model_fails_naming_the_model(monkeypatch, tmp_path):
+    present = {"presidio_analyzer"}
+    monkeypatch.setattr(pii.importlib.util, "find_spec", lambda name: object() if name in present else None)
+    with pytest.raises(PiiBackendError, match=r"pii.ner_model = 'en_test_model'.*spacy download"):
+        check_ner_backend(NER_SPEC)
+    check_ner_backend(PiiSpec(ner="presidio", ner_model=str(tmp_path)))  # a local model directory will do
+    present.add("en_test_model")
+    check_ner_backend(NER_SPEC)  # an installed model package
+
+
+@pytest.mark.slow
+def test_presidio_over_a_blank_spacy_pipeline(tmp_path):
+    """The real wiring, offline: spaCy's models are not on PyPI, so a blank pipeline (no NER: no names or places);
+    Presidio's own date patterns still run, so a date of birth is found and an ordinary date is not."""
+    pytest.importorskip("presidio_analyzer")
+    spacy = pytest.importorskip("spacy")
+    spacy.blank("en").to_disk(tmp_path / "blank_en")
+    spec = PiiSpec(ner="presidio", ner_model=str(tmp_path / "blank_en"))
+    PiiStep(spec).record_fn()
+    record = {
+        "id": "p",
+        "drop_reason": None,
+        "messages": [{"role": "user", "content": "I was born on 12/03/1985; the release is on 2024-01-15."}],
+    }
+    [out] = scrub_records([record], spec)
+    assert out["messages"][0]["content"] == "I was born on [DATE_OF_BIRTH_1]; the release is on 2024-01-15."
+    assert out["pii_counts"]["date_of_birth"] == 1
+
+
+@pytest.mark.parametrize(
+    ("before", "of_birth"),
+    [
+        ("I was born on ", True),
+        ("DOB: ", True),
+        ("D.O.B. ", True),
+        ("Date of birth: ", True),
+        ("my birthday is ", True),
+        ("I was born on 12/03/1985; the release is on ", False),
+        ("born in Leeds. The release is on ", False),
+        ("The release is on ", False),
+    ],
+)
+def test_a_date_is_a_date_of_birth_only_after_a_word_of_birth_in_its_clause(before, of_birth):
+    assert pii._after_birth_word(before + "2024-01-15", len(before)) is of_birth

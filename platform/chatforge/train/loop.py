@@ -2,7 +2,8 @@
 
 Read top to bottom: `train_loop_per_worker` builds the model and the DeepSpeed engine, resumes from Ray's last
 checkpoint if there is one, then runs optimizer steps until ``max_steps`` or early stopping, and finally gathers
-the full weights into a Hugging Face model directory that goes out with the last checkpoint.
+the full weights into a Hugging Face model directory that goes out with the last checkpoint. A step whose loss or
+gradient norm is not finite stops the run on every rank, before anything of it is checkpointed or exported.
 DeepSpeed does accumulation (``gradient_accumulation_steps``), clipping and the LR scheduler step inside
 ``engine.step()``; every rank takes the same number of micro-steps because Ray splits the train set equally.
 """
@@ -10,6 +11,7 @@ DeepSpeed does accumulation (``gradient_accumulation_steps``), clipping and the 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -40,6 +42,8 @@ METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "loop_state.json"
 BEST_WEIGHTS_FILE = "best_weights.rank{rank}.safetensors"  # in a checkpoint: the rank's snapshot of the best eval
 TENSOR_KEYS = ("input_ids", "labels", "position_ids", "sequence_ids")
+
+logger = logging.getLogger(__name__)
 
 # Peak dense bf16 FLOP/s per GPU, for MFU (by device-name substring; unknown devices report no MFU).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
@@ -152,6 +156,36 @@ def _grad_norm(module: torch.nn.Module) -> float:
     """The global L2 norm of the gradients (before clipping)."""
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step's training loss or gradient norm is NaN or infinite: the run stops and exports nothing."""
+
+
+def non_finite_message(step: int, loss_sum: float, grad_norm: float) -> str | None:
+    """Why ``step`` must stop the run, or None when its loss (summed over ranks) and gradient norm are finite."""
+    if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+        return None
+    return (
+        f"step {step}: the training loss (summed over ranks: {loss_sum}) or the gradient norm ({grad_norm}) is not "
+        "finite. The run stops here and exports no model; checkpoints of earlier steps are kept. Lower train.lr "
+        "or raise train.warmup_steps, or look for broken rows in the training data"
+    )
+
+
+def _stop_if_not_finite(step: int, step_loss: float, grad_norm: float | None, world: int, device) -> None:
+    """Raise `NonFiniteLossError` on every rank alike. The values are all-reduced first (a sum is finite only if every
+    rank's term is): a rank that stopped alone would leave the others waiting in their next collective."""
+    loss_sum, norm_sum = _allreduce_sum([step_loss, float(grad_norm or 0.0)], device)
+    message = non_finite_message(step, loss_sum, norm_sum / world)  # the norm is global: the same on every rank
+    if message is not None:
+        raise NonFiniteLossError(message)
+
+
+def improved(eval_loss: float, best: float, min_delta: float) -> bool:
+    """Whether an evaluation is a new best for early stopping: finite, and below ``best`` by more than ``min_delta``.
+    A NaN or infinite loss never is (NaN compares false anyway, but -inf would beat everything)."""
+    return math.isfinite(eval_loss) and eval_loss < best - min_delta
 
 
 def _rank_weights(engine, stage: int) -> list[torch.Tensor]:
@@ -280,10 +314,13 @@ def _export(engine, spec: Spec, tokenizer, rank: int, stage: int, best, director
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
+    import ray.data
     import ray.train
 
     spec = Spec.model_validate(config["spec"])
     tokenizer = config["tokenizer"]
+    # the driver shows training progress; Ray Data's bars for each worker's shard reads would only interleave with it
+    ray.data.DataContext.get_current().enable_progress_bars = False
     loop, use_gpu = spec.train, spec.scaling.use_gpu
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -329,6 +366,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine.train()
     window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     while state.step < loop.max_steps and not state.stopped_early:
+        step_loss = 0.0
         for _ in range(loop.grad_accum):
             batch = _on_device(next(micro_batches), device)
             loss = engine(**model_inputs(batch)).loss
@@ -336,9 +374,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if stage0_grad_norm and engine.is_gradient_accumulation_boundary():
                 last_grad_norm = _grad_norm(engine.module)  # ZeRO-0 does not report one; grads are reduced here
             engine.step()  # DeepSpeed steps optimizer, clipping and scheduler at the accumulation boundary
-            window_loss += loss.item()
+            step_loss += loss.item()
             window_micro += 1
             window_tokens += int((batch["sequence_ids"] != PAD_SEQUENCE_ID).sum())
+        window_loss += step_loss
         state.step += 1
         if fault_at is not None and state.step == fault_at and not resumed and rank == world - 1:
             # Fault injection for resume tests: this worker process dies mid-run. The pause first lets Ray collect the
@@ -346,13 +385,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # not depend on that race.
             time.sleep(2.0)
             os._exit(1)
+        grad_norm = last_grad_norm if stage0_grad_norm else engine.get_global_grad_norm()
+        _stop_if_not_finite(state.step, step_loss, grad_norm, world, device)
 
         metrics: dict[str, Any] = {}
         last = state.step == loop.max_steps
         if state.step % loop.log_every == 0 or last:
             loss_sum, micro, tokens = _allreduce_sum([window_loss, window_micro, window_tokens], device)
             elapsed = time.perf_counter() - window_start
-            grad_norm = last_grad_norm if stage0_grad_norm else engine.get_global_grad_norm()
             metrics = {
                 "step": state.step,
                 "epoch": state.epoch,
@@ -368,9 +408,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state.step % loop.eval_every == 0 or last:
             evaluation = {"step": state.step, **evaluate(engine, val_batches, config["domains"], device)}
             evaluation["weight_norm"] = weight_norm(engine, stage, device)
+            if not math.isfinite(evaluation["eval_loss"]):
+                evaluation["eval_loss_not_finite"] = True  # all-reduced: every rank sees it
+                if rank == 0:
+                    logger.warning(
+                        "step %d: the eval loss is %s; early stopping counts it as an evaluation without improvement",
+                        state.step,
+                        evaluation["eval_loss"],
+                    )
             state.history.append(evaluation)
             metrics = {**metrics, **evaluation}
-            if evaluation["eval_loss"] < state.best_eval_loss - loop.early_stopping_min_delta:
+            if improved(evaluation["eval_loss"], state.best_eval_loss, loop.early_stopping_min_delta):
                 state.best_eval_loss, state.best_step, state.evals_without_improvement = (
                     evaluation["eval_loss"],
                     state.step,
