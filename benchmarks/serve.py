@@ -201,12 +201,14 @@ def serve_args(model: str, max_batch_size: int, args, db: str) -> dict:
                 "max_ongoing_requests": max(64, 2 * max(args.levels)),
                 "engine": {
                     "max_batch_size": max_batch_size,
+                    "default_max_tokens": max(args.max_tokens, 16),
                     "max_tokens_limit": max(args.max_tokens, 16),
                     "torch_threads": args.torch_threads,
                 },
             }
         ],
         "guard": {"input_policy": "off", "output_policy": "off"},
+        "auth": {"anonymous": True},
         "feedback": {"url": f"sqlite:///{db}", "url_env": None},
         "ingress_num_cpus": 0.25,
     }
@@ -278,6 +280,7 @@ def main() -> None:
             say("direct Engine.complete, concurrency 1")
             spec = EngineSpec(
                 max_batch_size=args.max_batch_size,
+                default_max_tokens=max(args.max_tokens, 16),
                 max_tokens_limit=max(args.max_tokens, 16),
                 torch_threads=args.torch_threads,
             )

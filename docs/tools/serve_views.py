@@ -79,6 +79,7 @@ def serve_args(model: str, db: str) -> dict:
             },
         ],  # fmt: skip
         "guard": {"input_policy": "block", "output_policy": "flag"},
+        "auth": {"anonymous": True},
         "feedback": {"url": f"sqlite:///{db}", "url_env": None},
         "ingress_num_cpus": 0.25,
     }

@@ -299,11 +299,8 @@ def _post(url: str, body: dict, key: str | None) -> tuple[dict, dict]:
         _fail(f"check: POST {url} answered {err.code}: {err.read().decode(errors='replace')[:500]}", code=1)
 
 
-def smoke_check(url: str, spec) -> list[dict]:
+def smoke_check(url: str, spec, key: str) -> list[dict]:
     """One chat completion per variant through the HTTP API (as any client would send it), each rated +1."""
-    import os
-
-    key = (os.environ.get(spec.auth.api_keys_env or "", "").split(",")[0].strip()) or None
     results = []
     for variant in spec.variants:
         question = {"model": variant.name, "messages": [{"role": "user", "content": CHECK_QUESTION}], "max_tokens": 32}
@@ -348,12 +345,14 @@ def serve(
     ] = False,
 ) -> None:
     """Serve chat models on Ray Serve behind an OpenAI-compatible API; runs until Ctrl-C or SIGTERM."""
+    import os
+    import secrets
     import signal
     import threading
 
     from chatforge.runtime import RayConnectError, init_ray
-    from chatforge.serve.app import build_app, prepare_spec
-    from chatforge.serve.auth import ApiKeys, check_bind
+    from chatforge.serve.app import build_app, http_options, prepare_spec
+    from chatforge.serve.auth import ApiKeys, check_access
 
     extra = list(overrides or [])
     extra += [f"serve.port={port}"] if port is not None else []
@@ -365,7 +364,15 @@ def serve(
             first = serve_spec.variants[0].model_copy(update={"model": model})
             serve_spec = serve_spec.model_copy(update={"variants": [first, *serve_spec.variants[1:]]})
         serve_spec = prepare_spec(serve_spec)
-        check_bind(serve_spec.host, ApiKeys.from_spec(serve_spec.auth))  # before anything starts
+        check_key = None
+        if check:  # the check asks with a key of its own, valid while this process serves, beside any configured
+            check_key = secrets.token_urlsafe(32)
+            env = serve_spec.auth.api_keys_env or "CHATFORGE_API_KEYS"
+            os.environ[env] = ",".join(k for k in (os.environ.get(env, ""), check_key) if k)
+            auth = serve_spec.auth.model_copy(update={"api_keys_env": env})
+            serve_spec = serve_spec.model_copy(update={"auth": auth})
+        # before anything starts; the ingress checks again where it runs, against the address Serve really binds
+        check_access(ApiKeys.from_spec(serve_spec.auth), serve_spec.auth.anonymous, serve_spec.host)
     except (SpecError, ValueError) as err:
         _fail(str(err))
 
@@ -379,7 +386,7 @@ def serve(
         # after ray.init, which installs a SIGTERM handler of its own that aborts the process
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        ray_serve.start(http_options={"host": serve_spec.host, "port": serve_spec.port})
+        ray_serve.start(http_options=http_options(serve_spec))
         with console.status("starting the model replicas…"):
             ray_serve.run(
                 build_app(serve_spec.model_dump(mode="json")), name="chatforge", route_prefix="/", blocking=False
@@ -393,7 +400,7 @@ def serve(
             soft_wrap=True,
         )
         if check:
-            results = smoke_check(url, serve_spec)
+            results = smoke_check(url, serve_spec, check_key)
             # Not the table's title: a title wraps to the table's width, which follows the answers' length.
             console.print(f"check: {CHECK_QUESTION!r} to each variant, each answer rated +1", soft_wrap=True)
             console.print(check_table(results))

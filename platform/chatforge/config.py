@@ -337,6 +337,15 @@ class EngineSpec(Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     torch_threads: int | None = Field(None, ge=1, description="torch threads per replica; None: the replica's CPUs")
 
+    @model_validator(mode="after")
+    def _max_tokens(self) -> EngineSpec:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit}): "
+                "a request without max_tokens would ask for more than any request may"
+            )
+        return self
+
 
 class VariantSpec(Strict):
     """One served model; several variants split traffic by weight (A/B)."""
@@ -349,6 +358,9 @@ class VariantSpec(Strict):
     num_cpus: float = Field(1.0, gt=0, description="CPUs per replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica")
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica accepts at once (caps the batch)")
+    max_queued_requests: int = Field(
+        128, ge=1, description="requests each ingress replica lets wait for this variant's replicas; more get 503"
+    )
 
 
 class GuardSpec(Strict):
@@ -358,6 +370,12 @@ class GuardSpec(Strict):
     input_policy: Literal["block", "flag", "off"] = "flag"
     output_policy: Literal["block", "flag", "off"] = "block"
     refusal: str = "I can't help with that. Let's keep the conversation respectful."
+    stream_window_chars: int = Field(
+        64,
+        ge=1,
+        description="output_policy=block on a stream: characters held back and scored with the text before them "
+        "before any of it is sent (more context, later first text)",
+    )
 
 
 class AuthSpec(Strict):
@@ -365,6 +383,9 @@ class AuthSpec(Strict):
 
     api_keys_env: str = Field("CHATFORGE_API_KEYS", description="env var holding comma-separated keys")
     api_keys_file: str | None = Field(None, description="file of sha256 hex digests of keys, one per line")
+    anonymous: bool = Field(
+        False, description="serve without API keys: allowed only when Serve binds a loopback address"
+    )
 
 
 class FeedbackSpec(Strict):
@@ -390,6 +411,16 @@ class ServeSpec(Strict):
     feedback: FeedbackSpec = FeedbackSpec()
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     max_messages: int = Field(512, ge=1)
+    request_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="a completion's deadline, queueing included: 503 (a stream ends with an error event) after it; "
+        "Serve's HTTP proxy gets this plus a margin as its own request_timeout_s",
+    )
+    max_queued_requests: int = Field(
+        1024, ge=1, description="requests each HTTP proxy lets wait for an ingress replica; more get Serve's 503"
+    )
+    docs: bool = Field(True, description="serve /docs, /redoc and /openapi.json (behind the API's keys)")
     metrics: bool = True
     ingress_num_cpus: float = Field(0.5, gt=0, description="CPUs per HTTP ingress replica")
     ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas")

@@ -65,6 +65,14 @@ def test_curate_benchmark_sides_keep_the_same_rows_and_memory_is_sampled():
     )
 
 
+def test_json_reader_benchmark_measures_each_reader_in_its_own_process():
+    figures = _bench("benchmarks/json_reader.py", "--sizes", "0.25", "--readers", "chatforge", "chatforge_64k")
+    row = figures["results"]["0.25MiB"]
+    assert [e["error"] for e in row["chatforge"]["elements"]] == [None, None, None]
+    assert [e["error"] for e in row["chatforge_64k"]["elements"]] == [None, "record_too_large", None]
+    assert all(row[r]["seconds"] >= 0 and row[r]["peak_mib"] >= 0 for r in ("chatforge", "chatforge_64k"))
+
+
 def test_serve_benchmark_smoke_run_serves_every_request():
     figures = _bench("benchmarks/serve.py", "--requests", "4", "--max-tokens", "8", "--concurrency", "1,2")
     assert figures["failed_requests"] == 0

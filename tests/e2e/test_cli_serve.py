@@ -34,6 +34,7 @@ def write_spec(tmp_path) -> str:
                 }
             ],
             "feedback": {"url": f"sqlite:///{tmp_path / 'feedback.db'}", "url_env": None},
+            "auth": {"anonymous": True},  # no keys: allowed on a loopback bind only
             "ingress_num_cpus": 0.25,
         },
     }
@@ -71,6 +72,7 @@ def test_serve_answers_then_stops_on_sigterm(tmp_path):
         )
         assert answer.status_code == 200, answer.text
         assert answer.json()["usage"]["completion_tokens"] <= 8
+        assert httpx.get(f"{url}/healthz", timeout=5).json() == {"status": "ok"}
         assert (tmp_path / "feedback.db").exists()
         process.send_signal(signal.SIGTERM)
         started = time.monotonic()
@@ -89,6 +91,10 @@ def test_public_bind_without_keys_is_refused(tmp_path):
     result = chatforge("serve", spec, "--model", model, "--host", "0.0.0.0", timeout=120)
     assert result.returncode == 2
     assert "no API key is configured" in result.stderr
+    # without keys, even loopback needs the spec to ask for anonymous access
+    result = chatforge("serve", spec, "serve.auth.anonymous=false", "--model", model, timeout=120)
+    assert result.returncode == 2
+    assert "no API key is configured" in result.stderr and "anonymous: true" in result.stderr
 
 
 def test_missing_model_dir_is_a_clear_error(tmp_path):
@@ -102,8 +108,11 @@ def test_serve_check_asks_rates_and_stops(tmp_path):
     import sqlite3
 
     spec, model = write_spec(tmp_path)
+    port = str(free_port())
+    # no keys and no anonymous access: the check asks with a one-off key of its own
     result = subprocess.run(
-        [sys.executable, "-m", "chatforge.cli", "serve", spec, "--model", model, "--port", str(free_port()), "--check"],
+        [sys.executable, "-m", "chatforge.cli", "serve", spec, "serve.auth.anonymous=false", "--model", model]
+        + ["--port", port, "--check"],
         env=ENV,
         capture_output=True,
         text=True,

@@ -1,13 +1,16 @@
 """The whole curation pipeline on a 2-CPU Ray: a corrupted dump, exact accounting, outputs, stability."""
 
+import gzip
 import json
 import random
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from chatforge.config import load_spec
-from chatforge.data.pipeline import run_curation
+from chatforge.data.pipeline import AccountingError, run_curation
+from chatforge.data.sources import BOM, ReadCounts
 from helpers.corpus import conversation, sharegpt_record
 
 pytestmark = pytest.mark.integration
@@ -116,3 +119,86 @@ def test_two_sources_pii_dedup_and_stable_splits(ray_local, tmp_path):
     assert second["splits"] == first["splits"]
     ids = lambda d: sorted(r["id"] for r in read_dir(d))  # noqa: E731
     assert ids(tmp_path / "o1" / "data" / "val") == ids(tmp_path / "o2" / "data" / "val")
+
+
+def write_parquet(path, rows: list[dict]) -> None:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_inputs_that_stopped_runs_are_counted_and_a_failed_rerun_keeps_the_output(ray_local, tmp_path, monkeypatch):
+    rng = random.Random(11)
+    good = [json.dumps({"id": f"g{i}", "messages": conversation(rng, turns=4)}) for i in range(12)]
+    turns = '[{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"}]'
+    dump = tmp_path / "dump"
+    (dump / "sub").mkdir(parents=True)
+    (dump / "a.jsonl").write_bytes(
+        BOM
+        + "\n".join(
+            [
+                *good[:3],
+                '{"id": "s1", "messages": [{"role": "user", "content": "half a pair \\ud800"}]}',
+                f'{{"id": "s2", "messages": {turns}, "\\udc00": 1}}',
+                "[" * 100_000,
+                '{"id": "big", "messages": [], "n": ' + "9" * 5000 + "}",
+            ]
+        ).encode()
+    )
+    (dump / "b.jsonl.gz").write_bytes(gzip.compress("\n".join(good[3:6]).encode()))
+    (dump / "sub" / "c.ndjson").write_text("\n".join(good[6:9]) + "\n")
+    with pa.output_stream(str(dump / "D.JSONL.zst"), compression="zstd") as f:
+        f.write(("\n".join([*good[9:], '{"id": "cut", "mess']) + "\n").encode())
+    (dump / "readme.txt").write_text("not a conversation")
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    write_parquet(tmp_path / "int_id.parquet", [{"id": 1, "messages": messages}, {"id": 2, "messages": messages}])
+    write_parquet(tmp_path / "struct_meta.parquet", [{"id": "m", "messages": messages, "meta": {"origin": "x"}}])
+    out = tmp_path / "out"
+    sources = (
+        f"[{{name: dump, format: openai, path: '{dump}'}},"
+        f" {{name: ints, format: parquet, path: '{tmp_path / 'int_id.parquet'}'}},"
+        f" {{name: structs, format: parquet, path: '{tmp_path / 'struct_meta.parquet'}'}}]"
+    )
+    spec = load_spec(None, [f"curate.output={out}", f"curate.sources={sources}", "curate.dedup.near=false"])
+    manifest = run_curation(spec).manifest
+
+    assert manifest["dropped"] == {
+        "malformed:bad_id": 2,
+        "malformed:invalid_json": 2,
+        "malformed:lone_surrogate": 2,
+        "malformed:bad_meta": 1,
+        "malformed:too_deep": 1,
+    }
+    assert manifest["input_records"] == 12 + 4 + 1 + 3 == manifest["kept"] + sum(manifest["dropped"].values())
+    assert manifest["kept"] == 12 and manifest["dropped_rows_written"] == 8
+    assert manifest["sources"][0]["skipped"] == [str(dump / "readme.txt")]
+    kept_ids = {row["id"] for split in ("train", "val", "test") for row in read_dir(out / "data" / split)}
+    assert kept_ids == {f"dump:g{i}" for i in range(12)}  # g0 comes after a byte-order mark
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dump", "int_id.parquet", "out", "struct_meta.parquet"]
+
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setattr(ReadCounts, "total", lambda self: (1_000, []))
+    with pytest.raises(AccountingError, match="the readers emitted 1,000 records but 20 reached the write"):
+        run_curation(spec)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dump", "int_id.parquet", "out", "struct_meta.parquet"]
+
+
+def test_a_parquet_directory_of_mixed_schemas_is_read_row_by_row(ray_local, tmp_path):
+    messages = [{"role": "user", "content": "question here"}, {"role": "assistant", "content": "an answer"}]
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    write_parquet(parts / "a_good.parquet", [{"id": "g1", "messages": messages, "meta": '{"origin": "x"}'}])
+    write_parquet(parts / "b_int_id.parquet", [{"id": 7, "messages": messages}])
+    write_parquet(parts / "c_struct_meta.parquet", [{"id": "s", "messages": messages, "meta": {"origin": "y"}}])
+    spec = load_spec(
+        None,
+        [
+            f"curate.output={tmp_path / 'out'}",
+            f"curate.sources=[{{name: pq, format: parquet, path: '{parts}'}}]",
+            "curate.steps=[normalize, filters]",
+        ],
+    )
+    manifest = run_curation(spec).manifest
+    assert manifest["input_records"] == 3 and manifest["kept"] == 1
+    assert manifest["dropped"] == {"malformed:bad_id": 1, "malformed:bad_meta": 1}
+    origins = sorted(json.loads(row["meta"])["origin"] for row in read_dir(tmp_path / "out" / "dropped"))
+    assert origins == [f"{parts / 'b_int_id.parquet'}#row=0", f"{parts / 'c_struct_meta.parquet'}#row=0"]

@@ -1,11 +1,15 @@
-"""The Serve application end to end over HTTP: the official OpenAI client, bad input, A/B, guard, feedback, metrics.
+"""The Serve application end to end over HTTP: the official OpenAI client, bad input, A/B, guard, feedback, metrics,
+auth that fails closed, deadlines, overload and disconnects.
 
-One Serve app for the module on a 2-CPU Ray: two variants (alpha, beta; 50/50) of a tiny random-weights model,
-the input guard blocking, API keys from a digest file and an env var, a SQLite feedback store in a temp dir.
+One Serve app for the module on a 2-CPU Ray: two variants (alpha, beta; 50/50) of a tiny random-weights model, a
+third one (long; weight 0, asked for by name) with a 1024-token window and a tiny queue for the overload and
+cancellation tests, the input guard blocking, API keys from a digest file and from an env var that only the
+driver has (the replicas get digests), a SQLite feedback store in a temp dir.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -27,6 +31,8 @@ FILE_KEY = "sk-test-from-digest-file"
 ENV_KEY = "sk-test-from-env"
 TOXIC = "shut up you stupid fucking idiot"
 HELLO = [{"role": "user", "content": "hello, how are the gardens today?"}]
+RIVERS = [{"role": "user", "content": "tell me about rivers"}]  # the long variant answers it greedily without stopping
+LONG = 900  # tokens asked of the long variant: about a second of generation on one CPU thread
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +44,29 @@ def served(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     model = save_tiny_model(root / "model", n_positions=128)
+    long_model = save_tiny_model(root / "long-model", n_positions=1024)
     keys_file = root / "keys.sha256"
     keys_file.write_text(f"# test keys\n{key_digest(FILE_KEY)}  test\n")
-    os.environ["CHATFORGE_TEST_KEYS"] = ENV_KEY  # inherited by the replicas of the Ray started below
     os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112 (a Ray config name)
+    os.environ["RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT"] = "1"  # an ingress meant to refuse fails once, not thrice
     metrics_port, http_port = free_port(), free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    os.environ["CHATFORGE_TEST_KEYS"] = ENV_KEY  # after ray.init: only here, where build_app runs, not in replicas
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     engine = {"max_batch_size": 8, "default_max_tokens": 16, "max_tokens_limit": 64}
-    variant = {"model": str(model), "weight": 50, "engine": engine, "num_cpus": 0.5, "max_ongoing_requests": 32}
+    variant = {"model": str(model), "weight": 50, "engine": engine, "num_cpus": 0.4, "max_ongoing_requests": 32}
+    long = {
+        "name": "long",
+        "model": str(long_model),
+        "weight": 0,
+        "engine": {"max_batch_size": 2, "default_max_tokens": 16, "max_tokens_limit": LONG},
+        "num_cpus": 0.4,
+        "max_ongoing_requests": 2,
+        "max_queued_requests": 2,
+    }
     db = root / "feedback.db"
     args = {
-        "variants": [{"name": "alpha", **variant}, {"name": "beta", **variant}],
+        "variants": [{"name": "alpha", **variant}, {"name": "beta", **variant}, long],
         "guard": {"input_policy": "block", "output_policy": "flag"},
         "auth": {"api_keys_env": "CHATFORGE_TEST_KEYS", "api_keys_file": str(keys_file)},
         "feedback": {"url": f"sqlite:///{db}", "url_env": None},
@@ -59,10 +76,11 @@ def served(tmp_path_factory):
     serve.run(build_app(args), name="chatforge", route_prefix="/")
     url = f"http://127.0.0.1:{http_port}"
     with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {FILE_KEY}"}) as http:
-        yield SimpleNamespace(url=url, http=http, db=db, metrics_port=metrics_port)
+        yield SimpleNamespace(url=url, http=http, db=db, metrics_port=metrics_port, args=args)
     serve.shutdown()
     ray.shutdown()
     os.environ.pop("CHATFORGE_TEST_KEYS", None)
+    os.environ.pop("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", None)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +175,7 @@ def test_logprobs(client):
 
 
 def test_models_list(client):
-    assert sorted(m.id for m in client.models.list()) == ["alpha", "beta"]
+    assert sorted(m.id for m in client.models.list()) == ["alpha", "beta", "long"]
 
 
 def test_stop_sequence_and_max_completion_tokens(served):
@@ -207,15 +225,63 @@ def test_feedback_is_stored_and_joins_its_scrubbed_completion(served):
 
 
 def test_api_keys(served):
+    import ray
+
     anonymous = httpx.post(f"{served.url}/v1/chat/completions", json={"messages": HELLO}, timeout=30)
     assert anonymous.status_code == 401 and error_of(anonymous)["type"] == "authentication_error"
     for header in ("Bearer sk-wrong", "Basic " + FILE_KEY, FILE_KEY):
         wrong = httpx.get(f"{served.url}/v1/models", headers={"Authorization": header}, timeout=30)
         assert wrong.status_code == 401, header
     assert httpx.post(f"{served.url}/v1/feedback", json={"completion_id": "x", "rating": 1}).status_code == 401
+    # the env key is only in this process's environment, not in the replicas': its digest travelled with the app
+    replica_env = ray.remote(num_cpus=0)(lambda: os.environ.get("CHATFORGE_TEST_KEYS"))
+    assert ray.get(replica_env.remote(), timeout=60) is None
     from_env = httpx.get(f"{served.url}/v1/models", headers={"Authorization": f"Bearer {ENV_KEY}"}, timeout=30)
     assert from_env.status_code == 200
-    assert httpx.get(f"{served.url}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_health_says_only_ok_without_a_key(served):
+    assert httpx.get(f"{served.url}/healthz", timeout=30).json() == {"status": "ok"}
+    wrong = httpx.get(f"{served.url}/healthz", headers={"Authorization": "Bearer sk-wrong"}, timeout=30)
+    assert wrong.json() == {"status": "ok"}
+    assert served.http.get("/healthz").json() == {"status": "ok", "variants": ["alpha", "beta", "long"]}
+
+
+def test_api_docs_need_a_key(served):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        anonymous = httpx.get(f"{served.url}{path}", timeout=30)
+        assert anonymous.status_code == 401 and error_of(anonymous)["type"] == "authentication_error", path
+        assert served.http.get(path).status_code == 200, path
+    schema = served.http.get("/openapi.json").json()
+    assert "/v1/chat/completions" in schema["paths"] and "/docs" not in schema["paths"]
+    assert "/openapi.json" in served.http.get("/docs").text
+
+
+def test_serve_bind_host_is_read_from_serve(served):
+    """Canary of compat.serve_http_host: it reads Ray internals; if an upgrade changes them, this fails (and
+    anonymous serving is refused) rather than anything guessing loopback."""
+    from chatforge.serve.compat import serve_http_host
+
+    assert serve_http_host() == "127.0.0.1"
+
+
+def test_an_ingress_without_keys_refuses_to_start(served):
+    """The serving process itself refuses, whatever built it: here the ingress is bound without build_app's check."""
+    from ray import serve
+
+    from chatforge.config import ServeSpec
+    from chatforge.serve.app import ChatIngress
+
+    spec = ServeSpec.model_validate({**served.args, "auth": {"api_keys_env": "CHATFORGE_TEST_NO_SUCH_KEYS"}})
+    unguarded = ChatIngress.options(name="no-keys", ray_actor_options={"num_cpus": 0.1}).bind(spec, {}, [])
+    try:
+        with pytest.raises(Exception, match="no-keys failed"):
+            serve.run(unguarded, name="no-keys", route_prefix="/no-keys")
+        why = serve.status().applications["no-keys"].deployments["no-keys"].message
+        assert "no API key is configured" in why, why
+    finally:
+        serve.delete("no-keys")
+    assert httpx.get(f"{served.url}/no-keys/healthz", timeout=30).status_code == 404
 
 
 def test_openai_client_with_a_wrong_key(served):
@@ -252,6 +318,8 @@ def post_raw(served, content: bytes | str) -> httpx.Response:
         ({"messages": HELLO, "max_tokens": "ten"}, "max_tokens"),
         ({"messages": HELLO, "max_completion_tokens": 65}, "max_completion_tokens"),
         ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": HELLO, "stop": "x" * 129}, "stop"),
+        ({"messages": HELLO, "stop": ["ok", "y" * 250_000]}, "stop"),
         ({"messages": HELLO, "n": 2}, "n"),
         ({"messages": HELLO, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ({"messages": HELLO, "top_logprobs": 2}, "top_logprobs"),
@@ -319,14 +387,18 @@ messages = st.lists(
     ),
     max_size=3,
 )
+tiny_temperatures = st.floats(0, 1e-20) | st.sampled_from([5e-324, 1e-300, 1e-45, 1e-38, 1e-30, 1e-6])
+long_stops = st.text(min_size=100, max_size=400) | st.lists(  # about the 128-character limit, and well past it
+    st.text(min_size=120, max_size=140), min_size=1, max_size=5
+)
 request_bodies = st.fixed_dictionaries(
     {"messages": messages | json_values},
     optional={
         "model": st.sampled_from(["alpha", "beta", "auto", "nope"]) | json_values,
         "max_tokens": st.integers(-3, 80) | json_values,
-        "temperature": st.floats(-1, 3) | json_values,
+        "temperature": st.floats(-1, 3) | tiny_temperatures | json_values,
         "top_p": st.floats(-0.5, 1.5) | json_values,
-        "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=5) | json_values,
+        "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=5) | long_stops | json_values,
         "seed": st.integers(-5, 2**64) | json_values,
         "logprobs": st.booleans() | json_values,
         "top_logprobs": st.integers(-1, 22) | json_values,
@@ -336,13 +408,54 @@ request_bodies = st.fixed_dictionaries(
         "frequency_penalty": json_values,
     },
 )
+# Bodies valid but for the fields under test, so those reach the model rather than stopping at another field.
+plausible_bodies = st.fixed_dictionaries(
+    {
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text(min_size=1, max_size=40)}
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        "max_tokens": st.integers(1, 8),
+    },
+    optional={
+        "model": st.sampled_from(["alpha", "beta"]),
+        "temperature": tiny_temperatures | st.floats(0, 2),
+        "top_p": st.floats(0.01, 1),
+        "stop": long_stops | st.text(min_size=1, max_size=3),
+        "seed": st.integers(0, 2**32),
+        "stream": st.booleans(),
+    },
+)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=request_bodies | json_values)
+def kinds_of(body) -> list[str]:
+    """What a fuzzed body tries, for the statistics (``--hypothesis-show-statistics``)."""
+    if not isinstance(body, dict):
+        return ["not an object"]
+    kinds = []
+    temperature = body.get("temperature")
+    if isinstance(temperature, float) and 0 < temperature < 1e-5:
+        kinds.append("tiny temperature")
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    if any(isinstance(s, str) and len(s) > 100 for s in stops):
+        kinds.append("long stop")
+    turns = body.get("messages") if isinstance(body.get("messages"), list) else []
+    if any(isinstance(m, dict) and m.get("role") in ("system", "assistant") for m in turns):
+        kinds.append("system/assistant turn")
+    return kinds or ["other"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=request_bodies | plausible_bodies | json_values)
 def test_fuzzed_requests_never_get_a_5xx(served, body):
     response = post_raw(served, json.dumps(body))
     event(f"status {response.status_code}")
+    for kind in kinds_of(body):
+        event(f"{kind}: {response.status_code}")
     assert response.status_code < 500, (body, response.text)
     if response.status_code >= 400:
         assert error_of(response)["message"]
@@ -411,3 +524,109 @@ def test_metrics_are_exported(served, client):
     assert any('status="400"' in line for line in lines if line.startswith("ray_chatforge_requests_total"))
     blocks = [line for line in lines if line.startswith("ray_chatforge_guard_blocks_total")]
     assert any('where="input"' in line and float(line.rsplit(" ", 1)[1]) >= 1 for line in blocks)
+
+
+def test_tiny_temperatures_answer_greedily(served):
+    base = {"model": "alpha", "messages": HELLO, "max_tokens": 8}
+    greedy = served.http.post("/v1/chat/completions", json={**base, "temperature": 0}).json()
+    for temperature in (1e-30, 5e-324):
+        response = served.http.post("/v1/chat/completions", json={**base, "temperature": temperature})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
+
+
+def test_system_and_assistant_turns_are_guarded_too(client):
+    for role in ("system", "assistant"):
+        messages = [{"role": role, "content": TOXIC}, *HELLO]
+        choice = client.chat.completions.create(model="alpha", messages=messages).choices[0]
+        assert choice.finish_reason == "content_filter", role
+
+
+# ---------------------------------------------------------------- overload, deadlines and disconnects
+
+
+def generated(variant: str = "long") -> int:
+    """Tokens the variant's replica engine has generated, waiting until it runs nothing."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(variant, app_name="chatforge")
+    deadline = time.monotonic() + 60
+    while (stats := handle.stats.remote().result())["running"] or stats["waiting"]:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.05)
+    return stats["tokens"]
+
+
+def long_answer(served) -> tuple[int, float]:
+    """(tokens, seconds) of the long variant's whole answer to RIVERS."""
+    started = time.monotonic()
+    body = {"model": "long", "messages": RIVERS, "max_tokens": LONG, "temperature": 0}
+    answer = served.http.post("/v1/chat/completions", json=body).json()
+    return answer["usage"]["completion_tokens"], time.monotonic() - started
+
+
+def test_a_client_leaving_a_plain_request_cancels_its_generation(served):
+    tokens, seconds = long_answer(served)
+    assert tokens == LONG  # the premise: the model would go on to max_tokens
+    before = generated()
+    body = {"model": "long", "messages": RIVERS, "max_tokens": LONG, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # httpx closes the connection: the client has left
+        served.http.post("/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=seconds / 5))
+    spent = generated() - before
+    assert 0 < spent < LONG / 2, f"{spent} of {LONG} tokens generated for a client that left after {seconds / 5:.2f} s"
+
+
+def test_overload_gets_503s_with_openai_bodies_never_a_hang(served):
+    body = {"model": "long", "messages": RIVERS, "max_tokens": 200, "temperature": 0}
+
+    async def burst() -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {FILE_KEY}"}
+        async with httpx.AsyncClient(base_url=served.url, headers=headers, timeout=60) as http:
+            return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(12)))
+
+    started = time.monotonic()
+    responses = asyncio.run(burst())
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 2, statuses  # 2 running + 2 queued at most
+    for response in responses:
+        if response.status_code == 503:
+            error = error_of(response)
+            assert (error["code"], error["type"]) == ("overloaded", "server_error")
+            assert response.headers["retry-after"] == "1"
+    assert time.monotonic() - started < 60
+    assert served.http.post("/v1/chat/completions", json={**body, "max_tokens": 4}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def hasty(served):
+    """A second ingress, on the same variant replicas, whose deadline (0.3 s) the long answer (~1 s) overruns."""
+    from ray import serve
+
+    from chatforge.config import ServeSpec
+    from chatforge.serve.app import ChatIngress
+
+    spec = ServeSpec.model_validate(
+        {**served.args, "request_timeout_s": 0.3, "guard": {"input_policy": "off", "output_policy": "off"}}
+    )
+    models = {"long": serve.get_deployment_handle("long", app_name="chatforge")}
+    ingress = ChatIngress.options(name="hasty-ingress", ray_actor_options={"num_cpus": 0.1})
+    serve.run(ingress.bind(spec, models, [key_digest(FILE_KEY)]), name="hasty", route_prefix="/hasty")
+    yield f"{served.url}/hasty"
+    serve.delete("hasty")
+
+
+def test_the_deadline_is_a_503_and_stops_the_generation(served, hasty):
+    body = {"model": "long", "messages": RIVERS, "max_tokens": LONG, "temperature": 0}
+    before = generated()
+    started = time.monotonic()
+    response = served.http.post(f"{hasty}/v1/chat/completions", json=body)
+    assert response.status_code == 503 and error_of(response)["code"] == "timeout"
+    assert time.monotonic() - started < 5
+    assert 0 < generated() - before < LONG / 2
+
+    before = generated()
+    with served.http.stream("POST", f"{hasty}/v1/chat/completions", json={**body, "stream": True}) as stream:
+        assert stream.status_code == 200
+        events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "timeout"  # the OpenAI client raises APIError on it
+    assert 0 < generated() - before < LONG / 2

@@ -61,6 +61,7 @@ def test_replicas_follow_the_load(tmp_path):
                 }
             ],
             "guard": {"input_policy": "off", "output_policy": "off"},
+            "auth": {"anonymous": True},  # no keys: allowed on this 127.0.0.1 bind only
             "feedback": {"url": f"sqlite:///{tmp_path / 'feedback.db'}", "url_env": None},
             "ingress_num_cpus": 0.25,
         }

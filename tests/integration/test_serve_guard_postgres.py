@@ -1,8 +1,9 @@
 """The Serve application with the output guard blocking and its feedback store on PostgreSQL, over HTTP.
 
 One variant of a tiny random-weights model; the guard's threshold is 0, so every non-empty answer counts as
-toxic: a plain answer is replaced by the refusal, a stream (already sent) is only flagged. Completions and
-ratings go to the session's private PostgreSQL server; no API keys (the server binds 127.0.0.1 only).
+toxic: a plain answer is replaced by the refusal, and so is a streamed one, whose text is held back until scored.
+Completions and ratings go to the session's private PostgreSQL server; no API keys: anonymous access, which the
+app allows because Serve binds 127.0.0.1, for clients on this machine.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def served(tmp_path_factory, postgres_url):
             "input_policy": "off",
             "output_policy": "block",
             "refusal": REFUSAL,
+            "stream_window_chars": 8,  # a stream's text is scored (and held) 8 characters at a time
         },
-        "auth": {"api_keys_env": "CHATFORGE_TEST_NO_SUCH_KEYS"},
+        "auth": {"api_keys_env": "CHATFORGE_TEST_NO_SUCH_KEYS", "anonymous": True},
         "feedback": {"url": postgres_url, "url_env": None},
         "ingress_num_cpus": 0.25,
     }
@@ -90,7 +92,7 @@ def test_a_toxic_answer_is_replaced_by_the_refusal_and_stored_as_blocked(served)
     assert "ada@example.org" not in prompt and "[EMAIL_1]" in prompt  # scrubbed before it reached PostgreSQL
 
 
-def test_a_streamed_toxic_answer_is_flagged_not_cut(served):
+def test_a_streamed_toxic_answer_is_refused_like_the_plain_one(served):
     plain = chat(served, max_tokens=8).json()
     with served.http.stream(
         "POST",
@@ -103,13 +105,28 @@ def test_a_streamed_toxic_answer_is_flagged_not_cut(served):
     chunks = [json.loads(event) for event in events[:-1]]
     text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"])
     finish = [chunk["choices"][0]["finish_reason"] for chunk in chunks if chunk["choices"]][-1]
-    assert text and text != REFUSAL and finish in ("length", "stop")  # what was sent is the model's answer
-    assert plain["choices"][0]["message"]["content"] == REFUSAL  # the same answer, not streamed, is blocked
+    assert plain["choices"][0]["message"]["content"] == REFUSAL  # the same answer, not streamed, is refused
+    assert text == REFUSAL and finish == "content_filter"  # and no word of the model's answer was streamed
 
     guard, answer, streamed = one_row(
         served, "SELECT guard, answer, stream FROM completions WHERE id = :id", id=chunks[0]["id"]
     )
-    assert guard == "flagged" and answer == text and streamed
+    assert guard == "blocked" and answer == REFUSAL and streamed
+
+
+def test_a_long_streamed_answer_is_cut_at_its_first_toxic_window(served):
+    """Past the held-back window, text goes out once scored: with everything toxic, none of it does."""
+    body = {"model": "main", "messages": QUESTION, "max_tokens": 32, "temperature": 0, "stream": True}
+    with served.http.stream("POST", "/v1/chat/completions", json=body) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    deltas = [chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"]]
+    assert "".join(deltas) == REFUSAL and chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
+
+
+def test_anonymous_callers_get_only_ok_and_no_docs_key_is_needed_locally(served):
+    assert served.http.get("/healthz").json() == {"status": "ok"}
+    assert served.http.get("/v1/models").status_code == 200  # anonymous, from this machine
+    assert "/v1/chat/completions" in served.http.get("/openapi.json").json()["paths"]
 
 
 def test_every_one_of_200_concurrent_ratings_is_stored(served):

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from chatforge.config import EngineSpec
 from chatforge.serve.engine import Engine, PromptTooLong, SamplingParams
-from chatforge.serve.sampling import find_stop, held_back
+from chatforge.serve.sampling import GREEDY_BELOW, find_stop, held_back, sample_token
 from helpers.tiny_model import save_tiny_model
 
 WINDOW = 128
@@ -296,3 +296,27 @@ def test_unexpected_step_error_fails_the_batch_without_hanging(engine, monkeypat
 
     assert asyncio.run(run()).completion_tokens >= 1
     assert engine.stats()["running"] == 0
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-45, 1e-38, 1e-30, GREEDY_BELOW / 2])
+def test_tiny_temperatures_are_greedy(temperature):
+    logits = torch.randn(400, generator=torch.Generator().manual_seed(0)) * 1e4  # large logits overflow / temperature
+    generator = torch.Generator().manual_seed(1)
+    for top_p in (1.0, 0.5):
+        assert sample_token(logits, temperature, top_p, generator) == int(torch.argmax(logits))
+
+
+def test_small_temperatures_above_greedy_sample_without_nan():
+    logits = torch.randn(400, generator=torch.Generator().manual_seed(0)) * 1e4
+    generator = torch.Generator().manual_seed(1)
+    assert sample_token(logits, GREEDY_BELOW, 1.0, generator) == int(torch.argmax(logits))  # no inf/NaN at the edge
+    assert sample_token(logits, 1e-3, 0.9, generator) == int(torch.argmax(logits))
+
+
+def test_tiny_temperature_answers_like_greedy_and_tokens_are_counted(engine):
+    p = prompt(engine, 4)
+    before = engine.stats()["tokens"]
+    greedy = asyncio.run(engine.complete(p, SamplingParams(max_tokens=12, temperature=0)))
+    tiny = asyncio.run(engine.complete(p, SamplingParams(max_tokens=12, temperature=1e-30, seed=3)))
+    assert tiny.text == greedy.text
+    assert engine.stats()["tokens"] - before == greedy.completion_tokens + tiny.completion_tokens

@@ -8,8 +8,8 @@ import hashlib
 import pytest
 
 from chatforge.config import AuthSpec, GuardSpec, ToxicitySpec, VariantSpec
-from chatforge.serve.auth import ApiKeys, check_bind, key_digest, read_digest_file
-from chatforge.serve.guard import Guard, Verdict
+from chatforge.serve.auth import ApiKeys, check_access, is_local_client, key_digest, read_digest_file
+from chatforge.serve.guard import Guard, StreamGuard, Verdict
 from chatforge.serve.metrics import ServeMetrics
 from chatforge.serve.router import Router, sticky_point
 
@@ -65,15 +65,47 @@ def test_no_keys_means_disabled(monkeypatch):
     assert keys.verify("Bearer anything") is None
 
 
-def test_check_bind(monkeypatch):
+LOOPBACK = ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]")
+PUBLIC = ("0.0.0.0", "::", "10.1.2.3", "example.org", "")
+
+
+def test_without_keys_nothing_starts_unless_anonymous_on_a_known_loopback_bind(monkeypatch):
     monkeypatch.delenv("CHATFORGE_API_KEYS", raising=False)
     off = ApiKeys.from_spec(AuthSpec())
-    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"):
-        check_bind(host, off)
-    for host in ("0.0.0.0", "::", "10.1.2.3", "example.org"):
-        with pytest.raises(ValueError, match="no API key is configured"):
-            check_bind(host, off)
-    check_bind("0.0.0.0", ApiKeys([hashlib.sha256(b"k").digest()]))
+    for host in (*LOOPBACK, *PUBLIC, None):  # not even on loopback without saying so
+        with pytest.raises(ValueError, match=r"no API key is configured.*anonymous: true"):
+            check_access(off, False, host)
+    for host in LOOPBACK:
+        check_access(off, True, host)
+    for host in PUBLIC:
+        with pytest.raises(ValueError, match="no API key is configured: anyone"):
+            check_access(off, True, host)
+    with pytest.raises(ValueError, match="cannot be told"):  # an unknown bind is never taken for loopback
+        check_access(off, True, None)
+    keys = ApiKeys([hashlib.sha256(b"k").digest()])
+    for host in (*LOOPBACK, *PUBLIC, None):
+        check_access(keys, False, host)
+        check_access(keys, True, host)  # anonymous does not switch configured keys off
+
+
+def test_keys_travel_as_digests(monkeypatch):
+    monkeypatch.setenv("TEST_KEYS", "alpha-key,beta-key")
+    keys = ApiKeys.from_spec(AuthSpec(api_keys_env="TEST_KEYS"))
+    digests = keys.hex_digests()
+    assert digests == [key_digest("alpha-key"), key_digest("beta-key")]
+    assert not any("alpha-key" in d or "beta-key" in d for d in digests)
+    monkeypatch.delenv("TEST_KEYS")  # a replica elsewhere has no such env var: the digests are enough
+    received = ApiKeys.from_hex(digests)
+    assert received.verify("Bearer alpha-key") == keys.verify("Bearer alpha-key") is not None
+    assert received.verify("Bearer gamma-key") is None
+    assert not ApiKeys.from_hex([]).enabled
+    with pytest.raises(ValueError, match="SHA-256 hex"):
+        ApiKeys.from_hex(["alpha-key"])
+
+
+def test_anonymous_access_is_for_local_clients_only():
+    assert all(is_local_client(host) for host in ("127.0.0.1", "::1", "localhost"))
+    assert not any(is_local_client(host) for host in ("10.0.0.7", "0.0.0.0", "", None))
 
 
 # ---------------------------------------------------------------- guard
@@ -107,12 +139,15 @@ def test_guard_passes_clean_text(blocking_guard):
     assert blocking_guard.check_output("") == Verdict(0.0, False, False)
 
 
-def test_guard_scores_only_user_turns(blocking_guard):
-    # an abusive system prompt or earlier assistant turn is not the user's doing
-    messages = [{"role": "system", "content": TOXIC}, {"role": "assistant", "content": TOXIC}]
-    assert not blocking_guard.check_input(messages + [{"role": "user", "content": CLEAN}]).flagged
-    parts = [{"role": "user", "content": [{"type": "text", "text": TOXIC}]}]
-    assert blocking_guard.check_input(parts).blocked
+def test_guard_scores_every_turn_the_client_sends(blocking_guard):
+    # a client writes system and assistant turns as freely as user turns: any of them can carry the abuse
+    for role in ("system", "user", "assistant"):
+        messages = [{"role": "user", "content": CLEAN}, {"role": role, "content": TOXIC}]
+        assert blocking_guard.check_input(messages).blocked, role
+        parts = [{"role": role, "content": [{"type": "text", "text": TOXIC}]}, {"role": "user", "content": CLEAN}]
+        assert blocking_guard.check_input(parts).blocked, role
+    clean = [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Sure."}]
+    assert not blocking_guard.check_input(clean + [{"role": "user", "content": CLEAN}]).flagged
 
 
 def test_guard_flag_and_off_policies():
@@ -142,6 +177,84 @@ def test_guard_passes_benign_templates_and_refuses_abusive_ones(blocking_guard):
     assert refused / len(abusive) >= 0.9
     verdict = blocking_guard.check_input([{"role": "user", "content": "I hope you die"}])
     assert verdict.blocked and verdict.score == 1.0
+
+
+class RecordingGuard(Guard):
+    """The default blocking guard, remembering every text it scored."""
+
+    def __init__(self) -> None:
+        super().__init__(GuardSpec(output_policy="block"))
+        self.scored: list[str] = []
+
+    def check_output(self, text: str) -> Verdict:
+        self.scored.append(text)
+        return super().check_output(text)
+
+
+def stream_through(censor: StreamGuard, pieces: list[str]) -> tuple[str, bool]:
+    """Feed pieces as the app does (release when due, and at the end); the text released and whether it was cut."""
+    released = []
+    for i, piece in enumerate(pieces):
+        censor.add(piece)
+        final = i == len(pieces) - 1
+        if final or censor.due():
+            out = censor.release(final)
+            if out is None:
+                return "".join(released), True
+            released.append(out[0])
+    return "".join(released), False
+
+
+def words(text: str) -> list[str]:
+    return [word + " " for word in text.split()]
+
+
+def test_stream_guard_sends_a_clean_answer_whole_and_every_part_scored_in_context():
+    pieces = [f"plant{i} " for i in range(60)]  # no repeats, so a scored window is found where it was taken
+    guard = RecordingGuard()
+    censor = StreamGuard(guard, window=16)
+    sent = ""
+    for i, piece in enumerate(pieces):
+        censor.add(piece)
+        final = i == len(pieces) - 1
+        if not (final or censor.due()):
+            continue
+        scored_before = len(guard.scored)
+        out, _ = censor.release(final)
+        spans = [(censor.text.find(t), censor.text.find(t) + len(t)) for t in guard.scored[scored_before:]]
+        for position in range(len(sent), len(sent) + len(out)):  # each character sent: scored with 16 each side
+            assert any(a <= max(0, position - 16) and b >= min(len(censor.text), position + 17) for a, b in spans)
+        sent += out
+    assert sent == "".join(pieces) and len(guard.scored) > 5
+    assert guard.scored[-1] == sent  # at the end, the whole answer, as the non-streaming path scores it
+    assert all(len(text) <= 16 * 3 + len(pieces[0]) for text in guard.scored[:-1])  # bounded work per release
+
+
+def test_stream_guard_never_sends_the_toxic_part():
+    guard = RecordingGuard()
+    pieces = words(CLEAN + " " + CLEAN + " " + TOXIC + " " + CLEAN)
+    text, cut = stream_through(StreamGuard(guard, window=32), pieces)
+    assert cut
+    assert not any(word in text for word in ("stupid", "fucking", "idiot"))
+    assert text and CLEAN.startswith(text[:20])  # what went before was sent
+    # a toxic answer of one piece (the end of a short answer) sends nothing
+    assert stream_through(StreamGuard(guard, window=32), [TOXIC]) == ("", True)
+
+
+def test_stream_guard_holds_logprobs_with_their_text_and_records_the_worst_score():
+    censor = StreamGuard(Guard(GuardSpec(output_policy="block")), window=8)
+    for i, piece in enumerate(words(CLEAN)):
+        censor.add(piece, (f"lp{i}",))
+    released, logprobs = censor.release()
+    held = len(censor.text) - len(released)
+    assert held >= 8 and len(logprobs) < len(words(CLEAN))
+    assert "".join(words(CLEAN)[: len(logprobs)]) == released[: len("".join(words(CLEAN)[: len(logprobs)]))]
+    rest, more = censor.release(final=True)
+    assert released + rest == censor.text and logprobs + more == [f"lp{i}" for i in range(len(words(CLEAN)))]
+    assert not censor.worst.blocked and censor.worst.score < 0.5
+    blocked = StreamGuard(Guard(GuardSpec(output_policy="block")), window=8)
+    blocked.add(TOXIC)
+    assert blocked.release(final=True) is None and blocked.worst.blocked and blocked.release() is None
 
 
 def test_guard_all_off_builds_no_scorer():

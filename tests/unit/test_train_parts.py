@@ -1,4 +1,6 @@
 import math
+import os
+import shutil
 
 import pyarrow as pa
 import pytest
@@ -6,7 +8,7 @@ import pytest
 from chatforge.config import DeepSpeedSpec, TrainLoopSpec, load_spec
 from chatforge.train.deepspeed import deepspeed_config, lr_multiplier, zero_memory_per_worker
 from chatforge.train.loop import model_flops_per_token
-from chatforge.train.trainer import PackRows, TokenizeSamples, TrainDataError, resolve_data_dir, with_tag
+from chatforge.train.trainer import PackRows, TokenizeSamples, TrainDataError, export_dirs, resolve_data_dir, with_tag
 
 
 def test_lr_schedules():
@@ -74,8 +76,47 @@ def test_resolve_data_dir(tmp_path):
     with pytest.raises(TrainDataError, match="no val/"):
         resolve_data_dir(str(tmp_path / "out"))
     (tmp_path / "out" / "data" / "val").mkdir()
+    # a curation moves its manifest into place last: without one, the data is not a finished curation's
+    with pytest.raises(TrainDataError, match=r"no .*out/manifest\.json.*not a finished curation"):
+        resolve_data_dir(str(tmp_path / "out" / "data"))
+    (tmp_path / "out" / "manifest.json").write_text("{}")
     assert resolve_data_dir(str(tmp_path / "out")) == str(tmp_path / "out" / "data")
     assert resolve_data_dir(str(tmp_path / "out" / "data")) == str(tmp_path / "out" / "data")
+
+
+def make_export(root, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_export_replaces_model_and_adapter_dirs_whole(tmp_path):
+    output, checkpoint = tmp_path / "out", tmp_path / "ckpt"
+    make_export(output, {"model/model.safetensors": "old", "model/stale.bin": "old", "adapter/a.safetensors": "old"})
+    make_export(checkpoint, {"model/model.safetensors": "new", "model/config.json": "{}"})
+    export_dirs(str(checkpoint), str(output), ("model", "adapter"))
+    assert sorted(os.listdir(output / "model")) == ["config.json", "model.safetensors"]
+    assert (output / "model" / "model.safetensors").read_text() == "new"
+    assert sorted(os.listdir(output)) == ["model"]  # the old adapter is not left beside a full model
+
+
+def test_a_failed_export_keeps_the_previous_model(tmp_path, monkeypatch):
+    output, checkpoint = tmp_path / "out", tmp_path / "ckpt"
+    make_export(output, {"model/model.safetensors": "old", "adapter/a.safetensors": "old"})
+    make_export(checkpoint, {"model/model.safetensors": "new", "adapter/a.safetensors": "new"})
+    copy = shutil.copytree
+
+    def disk_full(source, target, **kwargs):
+        copy(source, target, **kwargs)
+        if source.endswith("adapter"):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copytree", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_dirs(str(checkpoint), str(output), ("model", "adapter"))
+    assert (output / "model" / "model.safetensors").read_text() == "old"
+    assert (output / "adapter" / "a.safetensors").read_text() == "old"
+    assert sorted(os.listdir(output)) == ["adapter", "model"]  # no staged copy left behind
 
 
 def test_tokenize_and_pack_batches():

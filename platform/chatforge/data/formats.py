@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from typing import Any
+
+import pyarrow as pa
 
 from chatforge.data.schema import ROLES, Record, make_id
 
@@ -131,77 +134,181 @@ PARSERS = {
 }
 
 
+READER_ERRORS = {  # the errors the readers report (as malformed:<error>), described
+    "truncated": "the input ends in the middle of this record",
+    "record_too_large": "the record is larger than read.max_record_bytes (head kept)",
+    "invalid_utf8": "the record is not valid UTF-8",
+    "trailing_data": "text after the end of the file's top-level JSON value",
+    "read_error": "the file could not be read past this point (a corrupt or cut-off compressed file?)",
+}
+
+# A record whose ``meta`` (the fields it keeps besides id and turns) nests deeper than this is malformed: the steps
+# walk meta recursively, and real records nest a few levels.
+MAX_META_DEPTH = 64
+
+# Only a \uD800-\uDFFF escape can put a surrogate into parsed JSON: a record whose text has none skips the check.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def nests_deeper_than(value: Any, limit: int) -> bool:
+    """True if lists and dicts in ``value`` nest more than ``limit`` levels (without recursing)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _check_meta(meta: dict[str, Any]) -> str:
+    """``meta`` as the JSON text of the row; `RecordError` if the steps could not handle it."""
+    nested = any(isinstance(value, (dict, list)) for value in meta.values())
+    if nested and nests_deeper_than(meta, MAX_META_DEPTH):
+        raise RecordError("too_deep", f"fields nest deeper than {MAX_META_DEPTH} levels")
+    return json.dumps(meta, ensure_ascii=False, default=str)
+
+
+def _check_text(*texts: str) -> None:
+    """`RecordError` unless every text is valid Unicode: a \\ud800-\\udfff escape alone is half a surrogate pair,
+    not a character, and no UTF-8 (so no Arrow string) can hold it."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RecordError("lone_surrogate", "a \\ud800-\\udfff escape that is not half of a pair") from None
+
+
 def _malformed(row: dict[str, Any], reason: str, detail: str, keep: int) -> Record:
     raw = row["raw"] or ""
+    detail = detail[:500].encode("utf-8", "backslashreplace").decode("utf-8")  # an error may quote a lone surrogate
     return {
         "id": make_id(row["source"], None, None, f"{row['origin']}\n{raw}"),
         "source": row["source"],
         "messages": None,
-        "meta": json.dumps({"origin": row["origin"], "error": detail[:500]}, ensure_ascii=False),
+        "meta": json.dumps({"origin": row["origin"], "error": detail}, ensure_ascii=False),
         "raw": raw[:keep],
         "drop_reason": f"malformed:{reason}",
     }
 
 
+def parse_record(row: dict[str, Any], extra: dict[str, str]) -> Record:
+    """One raw row (no reader error) -> a record; `RecordError` says why it cannot be one."""
+    text = row["raw"]
+    try:
+        obj = json.loads("{" + text + "}" if row["format"] == "chitchat" else text)
+    except json.JSONDecodeError as err:
+        raise RecordError("invalid_json", f"{err.msg} at column {err.colno}") from None
+    except RecursionError:
+        raise RecordError("too_deep", "arrays or objects nest too deeply to parse") from None
+    except ValueError as err:  # an integer of more digits than Python converts, say
+        raise RecordError("invalid_json", str(err)) from None
+    source_id, messages, meta = PARSERS[row["format"]](obj, extra)
+    meta_text = _check_meta({"origin": row["origin"], **meta})
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+        _check_text(source_id or "", meta_text, *(m["content"] for m in messages))
+    return {
+        "id": make_id(row["source"], source_id, messages),
+        "source": row["source"],
+        "messages": messages,
+        "meta": meta_text,
+        "raw": None,
+        "drop_reason": None,
+    }
+
+
 def parse_raw_records(rows: list[dict[str, Any]], role_map: dict[str, str], raw_keep_bytes: int) -> list[Record]:
-    """Raw rows -> records in our schema; a record that cannot be read becomes a ``malformed:<why>`` row."""
+    """Raw rows -> records in our schema; a record that cannot be read becomes a ``malformed:<why>`` row.
+
+    One row in, one row out, whatever the input: errors are caught per record.
+    """
     extra = {k.lower(): v for k, v in role_map.items()}
     out = []
     for row in rows:
         if row["error"]:
-            detail = {
-                "truncated": "the input ends in the middle of this record",
-                "record_too_large": "the record is larger than read.max_record_bytes (head kept)",
-                "invalid_utf8": "the record is not valid UTF-8",
-            }.get(row["error"], row["error"])
+            detail = READER_ERRORS.get(row["error"], row["error"])
             out.append(_malformed(row, row["error"], detail, raw_keep_bytes))
             continue
-        text = row["raw"]
-        if row["format"] == "chitchat":
-            text = "{" + text + "}"
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            out.append(_malformed(row, "invalid_json", f"{err.msg} at column {err.colno}", raw_keep_bytes))
-            continue
-        try:
-            source_id, messages, meta = PARSERS[row["format"]](obj, extra)
+            out.append(parse_record(row, extra))
         except RecordError as err:
             out.append(_malformed(row, err.reason, str(err), raw_keep_bytes))
-            continue
-        meta = {"origin": row["origin"], **meta}
-        out.append(
-            {
-                "id": make_id(row["source"], source_id, messages),
-                "source": row["source"],
-                "messages": messages,
-                "meta": json.dumps(meta, ensure_ascii=False, default=str),
-                "raw": None,
-                "drop_reason": None,
-            }
-        )
+        except Exception as err:  # one record's surprise must not fail the batch (and the run)
+            out.append(_malformed(row, "unreadable", f"{type(err).__name__}: {err}", raw_keep_bytes))
     return out
 
 
-def check_parquet_records(rows: list[dict[str, Any]], source: str, role_map: dict[str, str]) -> list[Record]:
-    """Rows of a parquet file in our schema: validate messages and roles like any other source."""
+# ---------------------------------------------------------------- Parquet in our schema
+
+UNREADABLE_ROW = "_unreadable"  # a Parquet row whose strings are not UTF-8: the error, in place of its fields
+
+
+def parquet_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """A Parquet batch's rows as dicts. Parquet does not check that strings are UTF-8, and a batch with one that is
+    not fails to convert whole: then each row is converted alone, and one that fails is ``{UNREADABLE_ROW: why}``."""
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:
+        rows = []
+        for index in range(table.num_rows):
+            try:
+                rows.append(table.slice(index, 1).to_pylist()[0])
+            except UnicodeDecodeError as err:
+                rows.append({UNREADABLE_ROW: str(err)})
+        return rows
+
+
+def check_parquet_record(row: dict[str, Any], source: str, extra: dict[str, str]) -> Record:
+    """A Parquet row in our schema -> a record; `RecordError` if a column is of another type or its text is bad."""
+    if UNREADABLE_ROW in row:
+        raise RecordError("invalid_utf8", f"a string is not UTF-8: {row[UNREADABLE_ROW]}")
+    source_id, meta_text = row.get("id"), row.get("meta")
+    if source_id is not None and not isinstance(source_id, str):
+        raise RecordError("bad_id", f"id must be a string, got {type(source_id).__name__}")
+    if meta_text is not None and not isinstance(meta_text, str):
+        raise RecordError("bad_meta", f"meta must be a JSON string, got {type(meta_text).__name__}")
+    try:
+        meta = json.loads(meta_text or "{}")
+    except RecursionError:
+        raise RecordError("too_deep", "meta nests too deeply to parse") from None
+    except ValueError as err:
+        raise RecordError("bad_meta", f"meta is not JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise RecordError("bad_meta", f"meta must be a JSON object, got {type(meta).__name__}")
+    messages = _turns(row.get("messages"), "role", "content", extra)
+    checked_meta = _check_meta(meta)
+    if meta_text and _SURROGATE_ESCAPE.search(meta_text):  # Parquet's strings are UTF-8: only meta's escapes can fail
+        _check_text(checked_meta)
+    return {
+        "id": source_id or make_id(source, None, messages),
+        "source": source,
+        "messages": messages,
+        "meta": checked_meta,
+        "raw": None,
+        "drop_reason": None,
+    }
+
+
+def check_parquet_records(
+    rows: list[dict[str, Any]], source: str, role_map: dict[str, str], origin: str = "", first_row: int = 0
+) -> list[Record]:
+    """Rows of a parquet file in our schema: validate types, messages and roles like any other source.
+
+    One row in, one row out: a row that is not in our schema becomes a ``malformed:<why>`` row whose origin is
+    ``<origin>#row=<n>`` (``rows`` being the file's rows from ``first_row`` on).
+    """
     extra = {k.lower(): v for k, v in role_map.items()}
     out = []
-    for row in rows:
-        origin = row.get("meta") or "{}"
+    for index, row in enumerate(rows, first_row):
         try:
-            messages = _turns(row.get("messages"), "role", "content", extra)
-            out.append(
-                {
-                    "id": row.get("id") or make_id(source, None, messages),
-                    "source": source,
-                    "messages": messages,
-                    "meta": row.get("meta") or "{}",
-                    "raw": None,
-                    "drop_reason": None,
-                }
-            )
-        except RecordError as err:
-            raw = json.dumps({k: row.get(k) for k in ("id", "messages", "meta")}, default=str)
-            out.append(_malformed({"source": source, "origin": origin, "raw": raw}, err.reason, str(err), 1 << 20))
+            out.append(check_parquet_record(row, source, extra))
+        except Exception as err:  # one record's surprise must not fail the batch (and the run)
+            reason = err.reason if isinstance(err, RecordError) else "unreadable"
+            fields = {k: row.get(k) for k in ("id", "messages", "meta")} if UNREADABLE_ROW not in row else {}
+            raw = json.dumps(fields, default=str)  # ASCII, so any lone surrogate is escaped
+            where = {"source": source, "origin": f"{origin or source}#row={index}", "raw": raw}
+            out.append(_malformed(where, reason, str(err), 1 << 20))
     return out

@@ -2,12 +2,15 @@
 
 Rows flow through every step (mark, don't filter) and are split only at the write, in one streaming pass:
 each block is tagged with its destination (a split under ``data/``, or ``dropped/``) and also yields one small
-stats row, so the manifest's counts come from the same pass that wrote the files, and are then checked against the
-row counts in the written files.
+stats row, so the manifest's counts come from the same pass that wrote the files. They are then checked against
+what the readers emitted (counted apart, see `sources.ReadCounts`) and the row counts of the written files.
 
     OUTPUT/data/{train,val,test}/*.parquet   kept rows (and augmented slices), by split
     OUTPUT/dropped/*.parquet                 every rejected or malformed row, with drop_reason and raw text
     OUTPUT/manifest.json                     input_records == kept + sum(dropped.values())
+
+A run writes into a directory beside OUTPUT and moves its outputs into place only once the counts check out, so a
+run that fails leaves the previous output as it was.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from chatforge.data.filters import REPAIRS, FiltersStep
 from chatforge.data.normalize import NormalizeStep
 from chatforge.data.pii import PiiStep
 from chatforge.data.schema import STAGE_SECONDS_COLUMN, apply_steps
-from chatforge.data.sources import list_files, read_source
+from chatforge.data.sources import ReadCounts, read_source, scan_source
 from chatforge.data.split import SplitStep
 from chatforge.data.toxicity import ToxicityStep
 from chatforge.runtime import fix_ray_data_first_limits
@@ -64,13 +67,13 @@ def build_steps(curate: CurateSpec, workdir: str | None = None) -> list:
     ]
 
 
-def curated_dataset(curate: CurateSpec, workdir: str | None = None):
+def curated_dataset(curate: CurateSpec, workdir: str | None = None, counts: ReadCounts | None = None):
     """The Ray Dataset of every input record after every step.
 
     Lazy up to dedup, which runs everything before it once (staging the rows under ``workdir``); the rest runs when
-    the dataset is consumed, which must happen before ``workdir`` is removed.
+    the dataset is consumed, which must happen before ``workdir`` is removed. ``counts`` hears what the readers emit.
     """
-    parts = [read_source(source, curate.read, curate.normalize) for source in curate.sources]
+    parts = [read_source(source, curate.read, curate.normalize, counts) for source in curate.sources]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     return apply_steps(ds, build_steps(curate, workdir))
 
@@ -90,6 +93,7 @@ def block_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "input_records": 0,
         "kept": 0,
         "augmented": 0,
+        "augmented_dropped": 0,
         "dropped": Counter(),
         "repaired": Counter(),
         "splits": Counter(),
@@ -107,6 +111,7 @@ def block_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         bucket = _bucket(row)
         if augmented:
             stats["augmented"] += bucket != DROPPED_BUCKET
+            stats["augmented_dropped"] += bucket == DROPPED_BUCKET
         else:
             stats["input_records"] += 1
             if bucket == DROPPED_BUCKET:
@@ -224,69 +229,137 @@ def _toxicity_summary(stats: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class AccountingError(RuntimeError):
+    """A run whose counts do not add up; its output is not moved into place."""
+
+
+def check_accounting(
+    read_records: int, unreported: list[str], stats: dict[str, Any], data_rows: int, dropped_rows: int
+) -> None:
+    """Raise `AccountingError` unless every record the readers emitted reached the write, once, and the written files
+    hold the rows the write pass counted. ``unreported``: read tasks that never reported their count."""
+    dropped = sum(stats["dropped"].values())
+    problems = []
+    if read_records != stats["input_records"]:
+        problems.append(
+            f"the readers emitted {read_records:,} records but {stats['input_records']:,} reached the write "
+            f"(kept {stats['kept']:,} + dropped {dropped:,})"
+        )
+    if unreported:
+        more = f" and {len(unreported) - 3} more" if len(unreported) > 3 else ""
+        problems.append(f"{len(unreported)} read tasks never reported a count: {', '.join(unreported[:3])}{more}")
+    if data_rows != stats["kept"] + stats["augmented"]:
+        problems.append(
+            f"{data_rows:,} rows in data/ but the pass counted {stats['kept']:,} kept + {stats['augmented']:,} "
+            "augmented"
+        )
+    if dropped_rows != dropped + stats["augmented_dropped"]:
+        problems.append(
+            f"{dropped_rows:,} rows in dropped/ but the pass counted {dropped:,} dropped + "
+            f"{stats['augmented_dropped']:,} dropped slices"
+        )
+    if problems:
+        raise AccountingError("accounting mismatch: " + "; ".join(problems))
+
+
+def _write_staged(curate: CurateSpec, staging: str) -> tuple[dict[str, Any], ReadCounts]:
+    """Run the pipeline into ``staging``: data/ and dropped/ there, the write pass's stats and the readers' counts."""
+    written = os.path.join(staging, ".written")  # Ray Data's write, partitioned by bucket
+    workdir = os.path.join(staging, ".work")  # dedup's staged rows
+    counts = ReadCounts(os.path.join(staging, ".read-counts"))
+    os.makedirs(workdir)
+    os.makedirs(counts.directory)
+    try:
+        ds = curated_dataset(curate, workdir, counts).map_batches(
+            TagForWrite(), batch_format="pyarrow", batch_size=None
+        )
+        ds.write_parquet(written, partition_cols=[BUCKET_COLUMN])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    stats = _collect_stats(os.path.join(written, f"{BUCKET_COLUMN}={STATS_BUCKET}"))
+    os.makedirs(os.path.join(staging, "data"))
+    for name in sorted(os.listdir(written)):
+        bucket = name.partition("=")[2]
+        if bucket == STATS_BUCKET:
+            continue
+        target = os.path.join(staging, "dropped") if bucket == DROPPED_BUCKET else os.path.join(staging, "data", bucket)
+        os.rename(os.path.join(written, name), target)
+    os.makedirs(os.path.join(staging, "dropped"), exist_ok=True)
+    shutil.rmtree(written)
+    return stats, counts
+
+
+OUTPUT_ENTRIES = ("manifest.json", "data", "dropped")  # what a run replaces in OUTPUT; anything else there stays
+
+
+def move_into_place(staging: str, output: str) -> None:
+    """Replace OUTPUT's entries with the staged ones. The old manifest goes first and the new one comes last, so
+    OUTPUT never holds a manifest.json beside data it does not describe (training requires one)."""
+    os.makedirs(output, exist_ok=True)
+    previous = os.path.join(staging, ".previous")  # removed with the staging directory
+    os.makedirs(previous)
+    for entry in OUTPUT_ENTRIES:
+        if os.path.lexists(os.path.join(output, entry)):
+            shutil.move(os.path.join(output, entry), os.path.join(previous, entry))
+    for entry in reversed(OUTPUT_ENTRIES):
+        shutil.move(os.path.join(staging, entry), os.path.join(output, entry))
+
+
+def staging_dir(output: str, run_id: str) -> str:
+    """Where a run writes before its output is moved into place: beside OUTPUT, so the move is a rename."""
+    parent, name = os.path.split(output)
+    return os.path.join(parent, f".{name}.staging-{run_id}")
+
+
 def run_curation(spec: Spec) -> CurationResult:
-    """Curate per ``spec.curate`` into ``spec.curate.output``; Ray must already be initialised."""
+    """Curate per ``spec.curate`` into ``spec.curate.output``; Ray must already be initialised.
+
+    Everything is written beside OUTPUT first (`staging_dir`) and moved into place once the counts check out
+    (`check_accounting`); a run that fails raises, leaves OUTPUT as it was, and removes what it staged.
+    """
     fix_ray_data_first_limits()
     curate = spec.curate
     output = os.path.abspath(curate.output)
     started = time.perf_counter()
-    files = {source.name: list_files(source) for source in curate.sources}
+    scanned = {source.name: scan_source(source) for source in curate.sources}
+    files = {name: found.files for name, found in scanned.items()}
     fingerprint = input_fingerprint(spec, files)
-    run_id = uuid.uuid4().hex[:8]
-    staging = os.path.join(output, f".staging-{run_id}")
-    workdir = os.path.join(output, f".work-{run_id}")
-    for stale in ("data", "dropped", "manifest.json"):
-        target = os.path.join(output, stale)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        elif os.path.exists(target):
-            os.remove(target)
-    os.makedirs(workdir, exist_ok=True)
+    staging = staging_dir(output, uuid.uuid4().hex[:8])
     try:
-        ds = curated_dataset(curate, workdir).map_batches(TagForWrite(), batch_format="pyarrow", batch_size=None)
-        ds.write_parquet(staging, partition_cols=[BUCKET_COLUMN])
+        stats, counts = _write_staged(curate, staging)
+        read_records, unreported = counts.total()
+        shutil.rmtree(counts.directory)
+        written = _count_rows(os.path.join(staging, "data"))
+        dropped_written = _count_rows(os.path.join(staging, "dropped"))
+        check_accounting(read_records, unreported, stats, written, dropped_written)
+        manifest = {
+            "input_records": read_records,
+            "kept": stats["kept"],
+            "dropped": dict(sorted(stats["dropped"].items(), key=lambda kv: (-kv[1], kv[0]))),
+            "repaired": {kind: stats["repaired"].get(kind, 0) for kind in REPAIRS},
+            "augmented": stats["augmented"],
+            "rows_written": written,
+            "dropped_rows_written": dropped_written,
+            "splits": dict(sorted(stats["splits"].items())),
+            "pii_replacements": dict(sorted(stats["pii_replacements"].items())),
+            "toxicity": _toxicity_summary(stats),
+            "stages": [
+                {"name": name, "seconds": round(stats["stage_seconds"].get(name, 0.0), 3)}
+                for name in ["read", *curate.steps]
+            ],
+            "wall_seconds": round(time.perf_counter() - started, 3),
+            "sources": [
+                {"name": s.name, "format": s.format, "files": files[s.name], "skipped": scanned[s.name].skipped}
+                for s in curate.sources
+            ],
+            "config": resolved(curate),
+            "fingerprint": fingerprint,
+            "chatforge_version": chatforge.__version__,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        with open(os.path.join(staging, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+        move_into_place(staging, output)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-    stats = _collect_stats(os.path.join(staging, f"{BUCKET_COLUMN}={STATS_BUCKET}"))
-    os.makedirs(os.path.join(output, "data"), exist_ok=True)
-    for name in sorted(os.listdir(staging)):
-        bucket = name.partition("=")[2]
-        if bucket == STATS_BUCKET:
-            continue
-        target = os.path.join(output, "dropped") if bucket == DROPPED_BUCKET else os.path.join(output, "data", bucket)
-        shutil.move(os.path.join(staging, name), target)
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(os.path.join(output, "dropped"), exist_ok=True)
-
-    written = _count_rows(os.path.join(output, "data"))
-    if written != stats["kept"] + stats["augmented"]:
-        raise RuntimeError(
-            f"accounting mismatch: {written} rows in data/ but the pass counted "
-            f"{stats['kept']} kept + {stats['augmented']} augmented"
-        )
-    manifest = {
-        "input_records": stats["input_records"],
-        "kept": stats["kept"],
-        "dropped": dict(sorted(stats["dropped"].items(), key=lambda kv: (-kv[1], kv[0]))),
-        "repaired": {kind: stats["repaired"].get(kind, 0) for kind in REPAIRS},
-        "augmented": stats["augmented"],
-        "rows_written": written,
-        "splits": dict(sorted(stats["splits"].items())),
-        "pii_replacements": dict(sorted(stats["pii_replacements"].items())),
-        "toxicity": _toxicity_summary(stats),
-        "stages": [
-            {"name": name, "seconds": round(stats["stage_seconds"].get(name, 0.0), 3)}
-            for name in ["read", *curate.steps]
-        ],
-        "wall_seconds": round(time.perf_counter() - started, 3),
-        "sources": [{"name": s.name, "format": s.format, "files": files[s.name]} for s in curate.sources],
-        "config": resolved(curate),
-        "fingerprint": fingerprint,
-        "chatforge_version": chatforge.__version__,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    assert manifest["input_records"] == manifest["kept"] + sum(manifest["dropped"].values())
-    with open(os.path.join(output, "manifest.json"), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
+        shutil.rmtree(staging, ignore_errors=True)
     return CurationResult(output=output, manifest=manifest)

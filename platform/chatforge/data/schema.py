@@ -127,10 +127,12 @@ class RecordBatchFn:
         stage: str,
         adds: dict[str, pa.DataType] | None = None,
         schema: pa.Schema | None = None,
+        to_records: Callable[[pa.Table], list[Record]] = table_to_records,
     ):
         self.parts: tuple[tuple[BatchFn, str], ...] = ((fn, stage),)
         self.adds = {**(adds or {}), STAGE_SECONDS_COLUMN: STAGE_SECONDS_TYPE}
         self.schema = schema
+        self.to_records = to_records  # a reader's own, for input that may not convert (see formats.parquet_rows)
 
     def then(self, other: RecordBatchFn) -> RecordBatchFn:
         composed = copy.copy(self)
@@ -148,7 +150,7 @@ class RecordBatchFn:
         return [stage for _, stage in self.parts]
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        records = table_to_records(table)
+        records = self.to_records(table)
         for fn, stage in self.parts:
             started = time.perf_counter()
             records = fn(records)

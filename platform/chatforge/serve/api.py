@@ -19,6 +19,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 MAX_STOP_SEQUENCES = 4
+# Every running sequence checks each new token against every prefix of every stop sequence, so a long stop string
+# slows the whole replica's batch, not only its own request.
+MAX_STOP_CHARS = 128
 MAX_TOP_LOGPROBS = 20
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger("chatforge.serve")
@@ -37,15 +40,17 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or self.headers)
 
 
 def unauthorized() -> ApiError:
@@ -54,6 +59,39 @@ def unauthorized() -> ApiError:
         "Missing or invalid API key: send `Authorization: Bearer <key>`.",
         code="invalid_api_key",
         type="authentication_error",
+    )
+
+
+RETRY_AFTER_S = 1
+
+
+def overloaded() -> ApiError:
+    return ApiError(
+        503,
+        "The model is overloaded: too many requests are waiting for it. Retry after a moment.",
+        code="overloaded",
+        type="server_error",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+def unavailable() -> ApiError:
+    return ApiError(
+        503,
+        "The model is not available (its replicas are starting or failed). Retry after a moment.",
+        code="unavailable",
+        type="server_error",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+def timed_out(seconds: float) -> ApiError:
+    return ApiError(
+        503,
+        f"The completion did not finish within the server's deadline of {seconds:g} s (queueing included): retry "
+        "later or ask for fewer max_tokens.",
+        code="timeout",
+        type="server_error",
     )
 
 
@@ -205,6 +243,9 @@ class ChatCompletionRequest(_Request):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            longest = max(len(s) for s in stops)
+            raise ValueError(f"stop sequences are at most {MAX_STOP_CHARS} characters, got one of {longest}")
         return stop
 
     def stop_sequences(self) -> tuple[str, ...]:

@@ -6,7 +6,9 @@
 A request goes: API key -> size limit -> validation -> variant (by name, else weighted and sticky per ``user`` or
 API key) -> input guard -> the variant's replica (tokenize, check the window, ``@serve.batch`` into the engine) ->
 output guard -> feedback store -> response naming the variant (``model`` and ``x-chatforge-variant``).
-The variant deployment is ``chatforge.serve.replica.ModelReplica``.
+The variant deployment is ``chatforge.serve.replica.ModelReplica``. Every completion has a deadline
+(``request_timeout_s``) and each variant a bounded queue, so overload and stalls are 503s with OpenAI bodies; a
+client that leaves cancels its generation.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the endpoint parameters' real types (Request)
@@ -16,11 +18,13 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
@@ -28,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 
 from chatforge.config import ServeSpec, SpecError, VariantSpec, describe_errors, load_spec
 from chatforge.serve.api import (
+    RETRY_AFTER_S,
     SSE_DONE,
     ApiError,
     ChatCompletionRequest,
@@ -36,10 +41,13 @@ from chatforge.serve.api import (
     completion_body,
     install_error_handlers,
     models_body,
+    overloaded,
     parse_body,
     read_body,
     sse,
+    timed_out,
     unauthorized,
+    unavailable,
     usage_chunk_body,
 )
 from chatforge.serve.engine import SamplingParams
@@ -50,16 +58,44 @@ log = logging.getLogger("chatforge.serve")
 INGRESS_NAME = "chatforge-ingress"
 ROUTED_MODEL_NAMES = frozenset({"auto", "chatforge"})  # `model` values that leave the choice to the router
 VARIANT_HEADER = "x-chatforge-variant"
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- the HTTP ingress
 
+# FastAPI's own /docs, /redoc and /openapi.json would answer anyone: the ingress serves them behind the API's keys.
 fastapi_app = FastAPI(
     title="chatforge",
     description="OpenAI-compatible chat completions served by Ray Serve, with feedback.",
     version="1",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
 )
 install_error_handlers(fastapi_app)
+
+
+async def until(deadline: float, work: Awaitable[T], cancel: Callable[[], None], timeout_s: float) -> T:
+    """``await work`` by the event-loop time ``deadline``.
+
+    At the deadline, or when this request is itself cancelled (Serve cancels it when the client disconnects),
+    ``cancel()`` stops the work downstream, so no replica keeps generating for nobody. A full queue, a variant
+    without replicas and the deadline become 503s with OpenAI bodies rather than Serve's plain-text errors."""
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await work
+    except TimeoutError:
+        cancel()
+        raise timed_out(timeout_s) from None
+    except asyncio.CancelledError:
+        cancel()
+        raise
+    except BackPressureError:
+        raise overloaded() from None
+    except DeploymentUnavailableError:
+        raise unavailable() from None
 
 
 class _NoMetrics:
@@ -81,18 +117,22 @@ def _guard_outcome(*verdicts) -> tuple[str, float | None]:
 @serve.deployment
 @serve.ingress(fastapi_app)
 class ChatIngress:
-    def __init__(self, spec: ServeSpec, models: dict[str, DeploymentHandle]) -> None:
-        from chatforge.serve.auth import ApiKeys
+    def __init__(self, spec: ServeSpec, models: dict[str, DeploymentHandle], key_digests: list[str]) -> None:
+        """``key_digests``: the API keys' SHA-256 hex digests, read where ``build_app`` ran (see auth.py)."""
+        from chatforge.serve.auth import ApiKeys, check_access
+        from chatforge.serve.compat import serve_http_host
         from chatforge.serve.feedback import FeedbackStore
         from chatforge.serve.guard import Guard
         from chatforge.serve.metrics import ServeMetrics
         from chatforge.serve.router import Router
 
+        self.keys = ApiKeys.from_hex(key_digests)
+        if not self.keys.enabled:  # checked here, in the serving process, whatever the builder checked
+            check_access(self.keys, spec.auth.anonymous, serve_http_host())
         self.spec = spec
         self.models = models
         self.variants = {v.name: v for v in spec.variants}
         self.router = Router(spec.variants)
-        self.keys = ApiKeys.from_spec(spec.auth)
         self.guard = Guard(spec.guard)
         self.store = FeedbackStore.from_spec(spec.feedback)
         self.metrics = ServeMetrics() if spec.metrics else _NoMetrics()
@@ -102,13 +142,23 @@ class ChatIngress:
     # ------------------------------------------------------------ helpers
 
     def _authorize(self, request: Request) -> str | None:
-        """The API key's id (None when keys are off); 401 when keys are on and this one is missing or wrong."""
+        """The API key's id (None when anonymous); 401 when the key is missing or wrong, or, anonymous, when the
+        client is not on this machine (a proxy on another node, or a bind that changed since the start check)."""
+        from chatforge.serve.auth import is_local_client
+
         if not self.keys.enabled:
+            if not is_local_client(request.client.host if request.client else None):
+                raise unauthorized()
             return None
         key_id = self.keys.verify(request.headers.get("authorization"))
         if key_id is None:
             raise unauthorized()
         return key_id
+
+    def _docs(self, request: Request) -> None:
+        if not self.spec.docs:
+            raise ApiError(404, "Not Found", type="not_found_error")
+        self._authorize(request)
 
     def _choose(self, body: ChatCompletionRequest, key_id: str | None) -> str:
         requested = body.model if body.model and body.model not in ROUTED_MODEL_NAMES else None
@@ -163,8 +213,26 @@ class ChatIngress:
     # ------------------------------------------------------------ endpoints
 
     @fastapi_app.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok", "variants": self.router.names}
+    async def healthz(self, request: Request) -> dict:
+        """ "ok" to anyone (load balancers and probes have no key); the variants only to a caller with a key."""
+        if self.keys.enabled and self.keys.verify(request.headers.get("authorization")) is not None:
+            return {"status": "ok", "variants": self.router.names}
+        return {"status": "ok"}
+
+    @fastapi_app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        self._docs(request)
+        return JSONResponse(request.app.openapi())
+
+    @fastapi_app.get("/docs", include_in_schema=False)
+    async def swagger_ui(self, request: Request) -> HTMLResponse:
+        self._docs(request)
+        return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title="chatforge")
+
+    @fastapi_app.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request) -> HTMLResponse:
+        self._docs(request)
+        return get_redoc_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title="chatforge")
 
     @fastapi_app.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
@@ -196,6 +264,7 @@ class ChatIngress:
 
     @fastapi_app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        deadline = asyncio.get_running_loop().time() + self.spec.request_timeout_s
         variant = "none"
         try:
             key_id = self._authorize(request)
@@ -210,15 +279,18 @@ class ChatIngress:
                 )
             variant = self._choose(body, key_id)
             params = self._params(body, variant)
-            return await self._complete(body, variant, params)
+            return await self._complete(body, variant, params, deadline)
         except ApiError as error:
             self.metrics.request(variant, str(error.status))
+            raise
+        except asyncio.CancelledError:  # the client went away (`until` has cancelled the generation)
+            self.metrics.request(variant, "disconnected")
             raise
         except Exception:
             self.metrics.request(variant, "500")
             raise
 
-    async def _complete(self, body: ChatCompletionRequest, variant: str, params: SamplingParams):
+    async def _complete(self, body: ChatCompletionRequest, variant: str, params: SamplingParams, deadline: float):
         started = time.perf_counter()
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -247,11 +319,13 @@ class ChatIngress:
             )
             return self._refusal(body, completion_id, created, variant, headers)
 
-        request = GenerationRequest(completion_id, messages, params)
+        left = deadline - asyncio.get_running_loop().time()
+        request = GenerationRequest(completion_id, messages, params, timeout_s=max(left, 0.001))
         if body.stream:
-            return await self._stream(body, request, variant, record, verdict_in, started, created, headers)
+            return await self._stream(body, request, variant, record, verdict_in, started, created, headers, deadline)
 
-        result = await self.models[variant].generate.remote(request)
+        call = self.models[variant].generate.remote(request)
+        result = await until(deadline, call, call.cancel, self.spec.request_timeout_s)
         if isinstance(result, Rejected):
             raise ApiError(400, result.message, param=result.param, code=result.code or "invalid_value")
         text, finish, logprobs = result.text, result.finish_reason, result.logprobs if params.logprobs else None
@@ -294,42 +368,85 @@ class ChatIngress:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    async def _stream(self, body, request: GenerationRequest, variant, record, verdict_in, started, created, headers):
+    async def _stream(
+        self, body, request: GenerationRequest, variant, record, verdict_in, started, created, headers, deadline
+    ):
+        from chatforge.serve.guard import StreamGuard
+
         responses = self.models[variant].options(stream=True).stream.remote(request)
-        first = await responses.__anext__()
+        first = await until(deadline, responses.__anext__(), responses.cancel, self.spec.request_timeout_s)
         if isinstance(first, Rejected):
             responses.cancel()
             raise ApiError(400, first.message, param=first.param, code=first.code or "invalid_value")
         prompt_tokens = first.prompt_tokens
         completion_id = request.request_id
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        # Under `block`, text is sent only once scored; under `flag` the whole answer is scored when it ends.
+        censor = StreamGuard(self.guard, self.spec.guard.stream_window_chars) if self.guard.blocks_output else None
+
+        def chunk(delta: dict, finish: str | None = None, logprobs=None) -> str:
+            return sse(chunk_body(completion_id, created, variant, delta, finish, logprobs))
 
         async def events():
-            pieces: list[str] = []
+            sent: list[str] = []  # the text the client received
             completion_tokens = 0
-            finished = False
+            ending = None  # ok, blocked, timeout or error; None when the client left first
             try:
-                yield sse(chunk_body(completion_id, created, variant, {"role": "assistant", "content": ""}))
-                async for item in responses:
+                yield chunk({"role": "assistant", "content": ""})
+                while ending is None:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            item = await responses.__anext__()
+                    except StopAsyncIteration:
+                        ending = "ok"
+                        continue
+                    except TimeoutError:
+                        responses.cancel()
+                        ending = "timeout"
+                        yield sse(timed_out(self.spec.request_timeout_s).body())  # OpenAI clients raise on it
+                        continue
+                    except Exception:
+                        log.exception("stream %s failed", completion_id)
+                        responses.cancel()
+                        ending = "error"
+                        yield sse(
+                            ApiError(500, "The server had an error while generating.", type="server_error").body()
+                        )
+                        continue
                     if isinstance(item, Finished):
                         completion_tokens = item.completion_tokens
                         continue
-                    pieces.append(item.text)
-                    logprobs = item.logprobs if request.params.logprobs else None
-                    if item.text or logprobs:
-                        delta = {"content": item.text}
-                        yield sse(chunk_body(completion_id, created, variant, delta, None, logprobs))
+                    completion_tokens = item.completion_tokens
+                    text, logprobs = item.text, item.logprobs if request.params.logprobs else None
+                    if censor is not None:
+                        censor.add(text, logprobs or ())
+                        if item.finish_reason is None and not censor.due():
+                            continue
+                        released = await asyncio.to_thread(censor.release, item.finish_reason is not None)
+                        if released is None:
+                            responses.cancel()
+                            ending = "blocked"
+                            sent.append(self.guard.refusal)
+                            yield chunk({"content": self.guard.refusal})
+                            yield chunk({}, "content_filter")
+                            continue
+                        text, logprobs = released[0], (released[1] if logprobs is not None else None)
+                    sent.append(text)
+                    if text or logprobs:
+                        yield chunk({"content": text}, None, logprobs)
                     if item.finish_reason is not None:
-                        yield sse(chunk_body(completion_id, created, variant, {}, item.finish_reason))
-                if include_usage:
+                        yield chunk({}, item.finish_reason)
+                if include_usage and ending in ("ok", "blocked"):
                     yield sse(usage_chunk_body(completion_id, created, variant, prompt_tokens, completion_tokens))
-                finished = True
             finally:
-                # What was sent cannot be taken back: the output guard only flags a stream.
-                text = "".join(pieces)
-                verdict_out = await asyncio.to_thread(self.guard.check_output, text) if finished else None
+                text = "".join(sent)
+                if censor is not None:
+                    verdict_out = censor.worst
+                elif ending == "ok":
+                    verdict_out = await asyncio.to_thread(self.guard.check_output, text)
+                else:
+                    verdict_out = None
                 outcome, score = _guard_outcome(verdict_in, verdict_out)
-                outcome = "flagged" if outcome == "blocked" else outcome
                 latency = time.perf_counter() - started
                 store = self._store(
                     **record,
@@ -340,10 +457,14 @@ class ChatIngress:
                     guard=outcome,
                     guard_score=score,
                 )
-                self.metrics.request(variant, "ok" if finished else "disconnected")
+                if ending == "blocked":
+                    self.metrics.guard_block(variant, "output")
+                self.metrics.request(
+                    variant, {"timeout": "503", "error": "500", None: "disconnected"}.get(ending, ending)
+                )
                 self.metrics.tokens(variant, prompt_tokens, completion_tokens)
                 self.metrics.latency(variant, latency)
-                if not finished:
+                if ending is None:
                     responses.cancel()
             await store  # stored before [DONE], so feedback sent right after the stream finds the completion
             yield SSE_DONE
@@ -365,6 +486,12 @@ def _resolve_path(path: str | None, what: str) -> str:
             f"{what}: {resolved} is not an exported model dir (no config.json); point it at `chatforge train`'s "
             "OUTPUT/model (relative paths are taken from the directory Serve was started in)"
         )
+    # The engine loads safetensors only: one file, or an index of shards (transformers' two names for them).
+    if not any((resolved / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise SpecError(
+            f"{what}: {resolved} has a config.json but no weights (model.safetensors or model.safetensors.index.json): "
+            "an export that did not finish? Point it at a complete `chatforge train` OUTPUT/model, or train again"
+        )
     return str(resolved)
 
 
@@ -376,18 +503,14 @@ def _absolute_sqlite(url: str) -> str:
     return url
 
 
-def _serve_host(spec: ServeSpec) -> str:
-    """The host Serve's HTTP proxy binds (a config file's http_options), else the spec's."""
-    try:
-        import ray
-        from ray.serve.context import _get_global_client
+# Serve's proxy answers a request it gave up on with a plain-text 408; the ingress's own deadline, answered in
+# OpenAI's format, must come first.
+PROXY_TIMEOUT_MARGIN_S = 10.0
 
-        client = _get_global_client(raise_if_no_controller_running=False)
-        if client is not None:
-            return ray.get(client._controller.get_http_config.remote(), timeout=10).host
-    except Exception:  # no Serve running yet (chatforge serve checks before starting it)
-        pass
-    return spec.host
+
+def http_options(spec: ServeSpec) -> dict[str, Any]:
+    """``serve.start``'s http_options for a spec (a Serve config file sets the same under ``http_options``)."""
+    return {"host": spec.host, "port": spec.port, "request_timeout_s": spec.request_timeout_s + PROXY_TIMEOUT_MARGIN_S}
 
 
 def load_serve_spec(args: dict[str, Any]) -> ServeSpec:
@@ -432,16 +555,24 @@ def variant_deployment(variant: VariantSpec):
         },
         ray_actor_options={"num_cpus": variant.num_cpus, "num_gpus": variant.num_gpus},
         max_ongoing_requests=variant.max_ongoing_requests,
+        max_queued_requests=variant.max_queued_requests,  # past it the ingress answers 503 `overloaded`
     ).bind(variant)
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """The Serve application for a ServeSpec given as ``args`` (see ``load_serve_spec``)."""
-    from chatforge.serve.auth import ApiKeys, check_bind
+    """The Serve application for a ServeSpec given as ``args`` (see ``load_serve_spec``).
+
+    The API keys are read here, and their digests handed to the ingress replicas, which refuse to start without
+    keys unless ``auth.anonymous`` is set and Serve binds a loopback address (checked here too, to fail early)."""
+    from ray.serve.config import BackpressureConfig
+
+    from chatforge.serve.auth import ApiKeys, check_access
+    from chatforge.serve.compat import serve_http_host
 
     spec = prepare_spec(load_serve_spec(args))
     try:
-        check_bind(_serve_host(spec), ApiKeys.from_spec(spec.auth))
+        keys = ApiKeys.from_spec(spec.auth)
+        check_access(keys, spec.auth.anonymous, None if keys.enabled else serve_http_host())
     except ValueError as error:
         raise SpecError(str(error)) from None
     models = {variant.name: variant_deployment(variant) for variant in spec.variants}
@@ -450,4 +581,6 @@ def build_app(args: dict[str, Any]) -> Application:
         num_replicas=spec.ingress_replicas,
         ray_actor_options={"num_cpus": spec.ingress_num_cpus},
         max_ongoing_requests=max(256, sum(v.max_ongoing_requests for v in spec.variants)),
-    ).bind(spec, models)
+        max_queued_requests=spec.max_queued_requests,  # past it Serve's proxy answers 503 itself
+        backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),
+    ).bind(spec, models, keys.hex_digests())

@@ -1,9 +1,12 @@
 """API keys for the OpenAI-compatible API: ``Authorization: Bearer <key>``, checked in constant time.
 
 Keys come from an env var of comma-separated keys (a Kubernetes secret mounted as env) and/or a file of their
-SHA-256 hex digests, one per line, so the file holds nothing that can be replayed. Only digests are kept in
-memory, and a request's key is compared by digest against every stored digest with ``hmac.compare_digest``.
-Ray's own token auth does not cover Serve's HTTP data plane, so this is the API's only gate.
+SHA-256 hex digests, one per line, so the file holds nothing that can be replayed. They are read once, where
+``build_app`` runs, and only their digests travel to the ingress replicas (as constructor arguments), so every
+replica on every node checks the same keys whatever its own environment. A request's key is compared by digest
+against every stored digest with ``hmac.compare_digest``. Ray's own token auth does not cover Serve's HTTP data
+plane, so this is the API's only gate: without keys the API starts only when the spec asks for anonymous access
+and Serve binds a loopback address, and then answers only loopback clients.
 """
 
 from __future__ import annotations
@@ -55,6 +58,16 @@ class ApiKeys:
         self.enabled = bool(self._digests)
 
     @classmethod
+    def from_hex(cls, digests: list[str]) -> ApiKeys:
+        """Keys from SHA-256 hex digests (what ``hex_digests`` gives): how the ingress receives them."""
+        if not all(_HEX_DIGEST.match(d) for d in digests):
+            raise ValueError("API key digests must be SHA-256 hex digests (64 hex characters)")
+        return cls([bytes.fromhex(d) for d in digests])
+
+    def hex_digests(self) -> list[str]:
+        return [digest.hex() for digest in self._digests]
+
+    @classmethod
     def from_spec(cls, spec: AuthSpec) -> ApiKeys:
         """Keys from the env var ``spec.api_keys_env`` (comma-separated) and the digest file, if any."""
         digests = []
@@ -97,11 +110,32 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_bind(host: str, keys: ApiKeys) -> None:
-    """Refuse to serve without API keys on anything but a loopback address."""
-    if not keys.enabled and not is_loopback(host):
+def check_access(keys: ApiKeys, anonymous: bool, host: str | None) -> None:
+    """Refuse to start without API keys, unless ``anonymous`` and Serve binds a known loopback ``host``.
+
+    ``host`` None means the bind address could not be told, which is refused like a public one."""
+    if keys.enabled:
+        return
+    if not anonymous:
         raise ValueError(
-            f"serve.host is {host!r} but no API key is configured: anyone who can reach it could use the model. "
-            "Set the env var named by serve.auth.api_keys_env (default CHATFORGE_API_KEYS) or "
-            "serve.auth.api_keys_file, or bind to 127.0.0.1"
+            "no API key is configured: set the env var named by serve.auth.api_keys_env (default "
+            "CHATFORGE_API_KEYS) or serve.auth.api_keys_file where the app is built; to serve without keys on a "
+            "loopback address only (127.0.0.1), set serve.auth.anonymous: true"
         )
+    if host is None:
+        raise ValueError(
+            "serve.auth.anonymous is set but Serve's HTTP bind address cannot be told, and without keys it must "
+            "be a loopback one: start Serve first (e.g. serve.start(http_options={'host': '127.0.0.1'})) or "
+            "configure API keys (serve.auth.api_keys_env or api_keys_file)"
+        )
+    if not is_loopback(host):
+        raise ValueError(
+            f"Serve's HTTP proxy binds {host!r} but no API key is configured: anyone who can reach it could use "
+            "the model. serve.auth.anonymous is allowed only on a loopback address: set the env var named by "
+            "serve.auth.api_keys_env (default CHATFORGE_API_KEYS) or serve.auth.api_keys_file, or bind to 127.0.0.1"
+        )
+
+
+def is_local_client(client_host: str | None) -> bool:
+    """Whether a request came from this machine: what anonymous access is limited to, whatever Serve binds."""
+    return client_host is not None and is_loopback(client_host)

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from chatforge.config import EngineSpec
-from chatforge.serve.sampling import find_stop, held_back, sample_token, top_alternatives
+from chatforge.serve.sampling import find_stop, held_back, is_greedy, sample_token, top_alternatives
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ MAX_TOP_LOGPROBS = 20
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below sampling.GREEDY_BELOW) = greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # stop sequences (text); the returned text excludes the stop sequence
     seed: int | None = None  # same seed + same prompt + same params -> same text
@@ -136,7 +136,7 @@ class Engine:
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, cache length], 1 = real token
         self._task: asyncio.Task | None = None
-        self._steps = self._rows_stepped = self._max_batch = 0
+        self._steps = self._rows_stepped = self._max_batch = self._tokens = 0
 
     # ---------------------------------------------------------------- public API
 
@@ -199,6 +199,7 @@ class Engine:
             "steps": self._steps,
             "mean_batch": self._rows_stepped / self._steps if self._steps else 0.0,
             "max_batch": self._max_batch,
+            "tokens": self._tokens,  # every token sampled, for every sequence, since the engine started
         }
 
     # ---------------------------------------------------------------- scheduling (event loop)
@@ -206,7 +207,7 @@ class Engine:
     def _submit(self, prompt_ids: list[int], params: SamplingParams) -> _Sequence:
         max_new = self.check(prompt_ids, params.max_tokens)
         generator = None
-        if params.temperature > 0:
+        if not is_greedy(params.temperature):
             generator = torch.Generator(device=self.device)
             generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "big") >> 1)
         seq = _Sequence(list(prompt_ids), params, max_new, generator)
@@ -344,6 +345,7 @@ class Engine:
         for i, seq in enumerate(rows):
             try:
                 token = sample_token(logits[i], seq.params.temperature, seq.params.top_p, seq.generator)
+                self._tokens += 1
                 self._next_tokens[offset + i] = token
                 seq.generated.append(token)
                 if seq.params.logprobs:

@@ -23,6 +23,9 @@ class GenerationRequest:
     request_id: str
     messages: list[dict[str, str]]
     params: SamplingParams
+    # The caller's time left: the caller cancels the call at its deadline, and the replica stops by this long after
+    # the call arrives in case that cancel never comes (the caller died).
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -187,9 +190,10 @@ class ModelReplica:
             return prepared
         prompt_ids, params = prepared
         try:
-            result = await self._complete_batch((request.request_id, prompt_ids, params))
+            async with asyncio.timeout(request.timeout_s):
+                result = await self._complete_batch((request.request_id, prompt_ids, params))
         finally:
-            self._cancel(request.request_id)  # the caller went away: the engine drops the sequence
+            self._cancel(request.request_id)  # the caller went away or timed out: the engine drops the sequence
         if isinstance(result, BaseException):
             raise result
         return result
@@ -202,9 +206,13 @@ class ModelReplica:
             return
         prompt_ids, params = prepared
         yield Accepted(len(prompt_ids))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + request.timeout_s if request.timeout_s is not None else None
         tokens = 0
         try:
             async for chunks in self._stream_batch((request.request_id, prompt_ids, params)):
+                if deadline is not None and loop.time() > deadline:
+                    raise TimeoutError(f"the stream passed its deadline of {request.timeout_s:g} s")
                 for chunk in chunks:
                     if isinstance(chunk, BaseException):
                         raise chunk

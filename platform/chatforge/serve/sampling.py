@@ -10,13 +10,20 @@ from __future__ import annotations
 import torch
 
 REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for the incomplete UTF-8 bytes of a character split over tokens
+# Below this, sampling is argmax up to float precision, and logits / temperature can overflow to inf (then NaN).
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < GREEDY_BELOW
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """The next token id from one row of fp32 logits: argmax at temperature 0, else nucleus sampling."""
-    if temperature == 0:
+    """The next token id from one row of fp32 logits: argmax at (near) temperature 0, else nucleus sampling."""
+    if is_greedy(temperature):
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # shifted so the largest is 0: the scaled logits are <= 0, so exp never overflows whatever the temperature
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest set of tokens whose mass reaches top_p (the most likely token always stays)

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,13 +49,23 @@ class TrainingResult:
 
 
 def resolve_data_dir(path: str) -> str:
-    """A curation output's data/ dir (holding train/ and val/); the curation output dir itself is accepted too."""
+    """A curation output's data/ dir (holding train/ and val/); the curation output dir itself is accepted too.
+
+    The curation's manifest.json must be beside data/: a curation moves it into place last, so without it the data
+    is not a finished curation's (and training.json could not name the data it came from).
+    """
     directory = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(os.path.join(directory, "data", "train")):
         directory = os.path.join(directory, "data")
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(directory, split)):
             raise TrainDataError(f"{path}: no {split}/ split here; pass a curation output's data/ directory")
+    manifest = os.path.join(os.path.dirname(directory), "manifest.json")
+    if not os.path.isfile(manifest):
+        raise TrainDataError(
+            f"{path}: no {manifest}, so this is not a finished curation's output (a curation run that failed or was "
+            "stopped leaves none); run `chatforge curate` to completion and pass its data/ directory"
+        )
     return directory
 
 
@@ -241,6 +252,30 @@ def _added_token_ids(spec: Spec, tokenizer) -> list[int]:
     return sorted(i for i in tokenizer.get_added_vocab().values() if i >= vocab_size)
 
 
+def export_dirs(checkpoint_dir: str, output: str, names: tuple[str, ...]) -> None:
+    """OUTPUT/<name> := the checkpoint's <name> dir, for each name (an old one the checkpoint lacks is removed).
+
+    Each is copied beside its target first and renamed into place only when every copy is complete, so a copy that
+    fails (a full disk, say) leaves the previous export whole and no partial model behind.
+    """
+    run_id = uuid.uuid4().hex[:8]
+    staged = {name: os.path.join(output, f".{name}.staging-{run_id}") for name in names}
+    try:
+        for name, staging in staged.items():
+            if os.path.isdir(os.path.join(checkpoint_dir, name)):
+                shutil.copytree(os.path.join(checkpoint_dir, name), staging)
+        for name, staging in staged.items():
+            target = os.path.join(output, name)
+            if os.path.lexists(target):
+                os.rename(target, f"{staging}.old")
+            if os.path.isdir(staging):
+                os.rename(staging, target)
+    finally:
+        for staging in staged.values():
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(f"{staging}.old", ignore_errors=True)
+
+
 def run_training(spec: Spec, fault_at_step: int | None = None, progress=None, on_report=None) -> TrainingResult:
     """Train per ``spec`` into ``spec.train.output``; Ray must already be initialised.
 
@@ -311,11 +346,7 @@ def run_training(spec: Spec, fault_at_step: int | None = None, progress=None, on
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
 
     with result.checkpoint.as_directory() as directory:
-        for name in (MODEL_DIR, ADAPTER_DIR):
-            target = os.path.join(output, name)
-            shutil.rmtree(target, ignore_errors=True)
-            if os.path.isdir(os.path.join(directory, name)):
-                shutil.copytree(os.path.join(directory, name), target)
+        export_dirs(directory, output, (MODEL_DIR, ADAPTER_DIR))
         shutil.copyfile(os.path.join(directory, METRICS_FILE), os.path.join(output, METRICS_FILE))
     fingerprints = [data_fingerprint(d) for d in data_dirs]
     summary = {
