@@ -16,7 +16,7 @@ from chatforge.config import SourceSpec, SpecError, TrainDataSpec, load_spec
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train and run chat assistants on Ray.")
 console = Console(stderr=True)
 
-FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "openai", ".json": "sharegpt"}
+FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "openai", ".ndjson": "openai", ".json": "sharegpt"}
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -33,12 +33,16 @@ def _load(spec: Path, overrides: list[str] | None, output_key: str, output: str 
 
 
 def _inputs_as_sources(inputs: list[str], fmt: str | None) -> list[SourceSpec]:
+    from chatforge.data.sources import compression, file_suffix
+
     sources: list[SourceSpec] = []
     for number, path in enumerate(inputs, start=1):
-        chosen = fmt or FORMAT_BY_SUFFIX.get(Path(path).suffix.lower())
+        suffix = file_suffix(path)  # under any compression suffix: "a.jsonl.gz" -> ".jsonl"
+        chosen = fmt or FORMAT_BY_SUFFIX.get(suffix)
         if chosen is None:
             _fail(f"--input {path}: cannot tell its format from the name; pass --format sharegpt|openai|parquet")
-        name = Path(path).stem or f"input{number}"
+        base = Path(path).stem if compression(path) else Path(path).name  # "a.jsonl.gz" -> "a.jsonl"
+        name = Path(base).stem or f"input{number}"
         if any(s.name == name for s in sources):
             name = f"{name}-{number}"
         try:
@@ -91,7 +95,7 @@ def curate(
     json_out: Annotated[bool, typer.Option("--json", help="print the manifest as JSON on stdout")] = False,
 ) -> None:
     """Curate conversation corpora with Ray Data into OUTPUT/data, OUTPUT/dropped and OUTPUT/manifest.json."""
-    from chatforge.data.pipeline import run_curation
+    from chatforge.data.pipeline import AccountingError, run_curation
     from chatforge.data.sources import SourceError, list_files
     from chatforge.runtime import RayConnectError, init_ray
 
@@ -107,6 +111,8 @@ def curate(
             result = run_curation(loaded)
     except (SpecError, SourceError, RayConnectError) as err:
         _fail(str(err))
+    except AccountingError as err:  # a defect, not bad input: the previous output stays in place
+        _fail(f"{err} (the previous output, if any, is unchanged; please report this with the spec)", code=1)
     console.print(curation_table(result.manifest))
     console.print(
         f"data: [bold]{result.output}/data[/]   dropped: {result.output}/dropped   "
