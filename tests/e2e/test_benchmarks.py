@@ -121,3 +121,10 @@ def test_quickstart_quality_compares_base_and_fine_tuned_perplexity(tmp_path):
     )
     assert figures["base"]["tokens"] == figures["fine_tuned"]["tokens"] > 0
     assert figures["ratio"] == pytest.approx(1.0)
+
+
+def test_compat_benchmark_measures_each_entry_on_and_off():
+    figures = _bench("benchmarks/compat.py", "--runs", "1", "--probes", "curate")
+    curate = figures["probes"]["curate"]
+    assert set(curate) == {"on", "off:local_ray_env"}
+    assert all(config["wall_s"]["median"] > 0 for config in curate.values())

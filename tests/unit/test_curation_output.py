@@ -70,8 +70,7 @@ def test_move_into_place_replaces_the_outputs_and_keeps_other_files(tmp_path):
 
 
 @pytest.fixture
-def spec(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "fix_ray_data_first_limits", lambda: True)
+def spec(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text('{"messages": []}\n')
     return load_spec(

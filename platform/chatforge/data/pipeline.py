@@ -40,7 +40,6 @@ from chatforge.data.schema import STAGE_SECONDS_COLUMN, apply_steps
 from chatforge.data.sources import ReadCounts, read_source, scan_source
 from chatforge.data.split import SplitStep
 from chatforge.data.toxicity import ToxicityStep
-from chatforge.runtime import fix_ray_data_first_limits
 
 STEPS = {
     "normalize": NormalizeStep,
@@ -317,7 +316,6 @@ def run_curation(spec: Spec) -> CurationResult:
     Everything is written beside OUTPUT first (`staging_dir`) and moved into place once the counts check out
     (`check_accounting`); a run that fails raises, leaves OUTPUT as it was, and removes what it staged.
     """
-    fix_ray_data_first_limits()
     curate = spec.curate
     output = os.path.abspath(curate.output)
     started = time.perf_counter()

@@ -6,7 +6,6 @@ the context window itself, so the ingress needs no tokenizer.
 """
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,23 +53,13 @@ class Finished:
 # ---------------------------------------------------------------- one model variant
 
 
-class _OverlappingBatchesAreMeant(logging.Filter):
-    """Drops Serve's warning that ``max_batch_size * max_concurrent_batches > max_ongoing_requests``.
-
-    Serve assumes each batch call runs its own batch; here every call feeds one shared engine batch, so the engine
-    does reach ``max_batch_size`` (``max_ongoing_requests`` bounds it), and allowing as many overlapping calls as
-    ongoing requests is what lets a newcomer join at the next token."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "max_concurrent_batches" not in record.getMessage()
-
-
 @serve.deployment
 class ModelReplica:
     """One variant's model in one replica: ``@serve.batch`` gathers concurrent calls into the continuous-batching
     engine, which lets each sequence join and leave the running batch at token boundaries."""
 
     def __init__(self, variant: VariantSpec) -> None:
+        from chatforge.compat import quiet_serve_batch_warning
         from chatforge.serve.engine import Engine
         from chatforge.serve.metrics import ServeMetrics
 
@@ -83,7 +72,7 @@ class ModelReplica:
         self._pumps: dict[str, asyncio.Task] = {}
         # A batch call lasts as long as its longest answer; letting batches overlap (each request is one at most)
         # means a newcomer joins the engine's running batch at the next token instead of waiting for that answer.
-        logging.getLogger("ray.serve").addFilter(_OverlappingBatchesAreMeant())
+        quiet_serve_batch_warning()
         batching = serve.batch(
             max_batch_size=engine_spec.max_batch_size,
             batch_wait_timeout_s=engine_spec.batch_wait_timeout_s,

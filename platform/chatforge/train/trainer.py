@@ -25,7 +25,6 @@ import pyarrow as pa
 
 import chatforge
 from chatforge.config import Spec, TrainDataSpec, resolved
-from chatforge.runtime import fix_ray_data_first_limits
 from chatforge.train.loop import ADAPTER_DIR, METRICS_FILE, MODEL_DIR, TENSOR_KEYS, train_loop_per_worker
 from chatforge.train.model import load_tokenizer
 from chatforge.train.pretrained import model_path
@@ -286,8 +285,6 @@ def run_training(spec: Spec, fault_at_step: int | None = None, progress=None, on
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    fix_ray_data_first_limits()
 
     say = progress or (lambda message: None)
     started = time.perf_counter()
