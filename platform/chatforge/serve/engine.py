@@ -13,6 +13,7 @@ The task exits when nothing is running or waiting and restarts on the next reque
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 from collections import deque
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from chatforge.compat import cache_layers
 from chatforge.config import EngineSpec
 from chatforge.serve.sampling import find_stop, held_back, is_greedy, sample_token, top_alternatives
 
@@ -124,6 +126,8 @@ class Engine:
         if not windows:
             raise ValueError(f"{model_dir}: the model config names no context length: set engine.context_window")
         self.context_window = min(windows)
+        # transformers 5.x renames forward's `past_key_values` to `cache` (the old name warns, then goes in 5.40)
+        self._cache_arg = "cache" if "cache" in inspect.signature(self._model.forward).parameters else "past_key_values"
         eos = self._model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self._stop_ids = frozenset(eos + [self._tokenizer.eos_token_id]) - {None}
@@ -279,7 +283,11 @@ class Engine:
         mask = F.pad(self._mask, (0, 1), value=1)
         positions = mask.sum(dim=1, keepdim=True) - 1
         out = self._model(
-            input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=self._cache, use_cache=True
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_arg: self._cache},
         )
         self._mask = mask
         return out.logits[:, -1].float()
@@ -299,9 +307,9 @@ class Engine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_arg: cache},
         )
         return out.logits[:, -1].float(), cache, mask
 
@@ -311,7 +319,7 @@ class Engine:
             self._cache, self._mask = cache, mask
         else:
             length = max(self._mask.shape[1], mask.shape[1])
-            for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            for old, new in zip(cache_layers(self._cache), cache_layers(cache), strict=True):
                 old.keys = torch.cat([_left_pad(old.keys, length), _left_pad(new.keys, length)])
                 old.values = torch.cat([_left_pad(old.values, length), _left_pad(new.values, length)])
             self._mask = torch.cat([_left_pad(self._mask, length), _left_pad(mask, length)])
@@ -333,7 +341,7 @@ class Engine:
         first = int(self._mask.any(dim=0).long().argmax())
         if first:
             self._mask = self._mask[:, first:]
-            for layer in self._cache.layers:
+            for layer in cache_layers(self._cache):
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
 
     def _reset(self) -> None:
