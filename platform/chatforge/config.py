@@ -437,6 +437,21 @@ class ServeSpec(Strict):
         return self
 
 
+# ---------------------------------------------------------------- experiment tracking
+
+
+class TrackingSpec(Strict):
+    """MLflow: every command logs one run (config, metrics, artifacts, data lineage)."""
+
+    enabled: bool = True
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; None: the env var MLFLOW_TRACKING_URI, else a SQLite store, runs/mlflow.db",
+    )
+    experiment: str = Field("chatforge", description="MLflow experiment the runs go to")
+    registered_model: str = Field("chatforge-chat", description="registry name a model that passes the gate gets")
+
+
 class Spec(Strict):
     """A pipeline spec: the sections a command does not use are allowed and ignored by it."""
 
@@ -451,6 +466,7 @@ class Spec(Strict):
     lora: LoraSpec = LoraSpec()
     scaling: ScalingSpec = ScalingSpec()
     serve: ServeSpec = ServeSpec()
+    tracking: TrackingSpec = TrackingSpec()
 
 
 # ---------------------------------------------------------------- loading
