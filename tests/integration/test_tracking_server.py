@@ -29,9 +29,14 @@ def server(tmp_path):
     port = free_port()
     mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
     cmd = [mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    cmd += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art")]
-    log = open(tmp_path / "server.log", "w")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    cmd += [
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "art"),
+    ]
+    with open(tmp_path / "server.log", "w") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)  # the child keeps its own descriptor
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -47,7 +52,6 @@ def server(tmp_path):
     yield url
     process.terminate()
     process.wait(timeout=30)
-    log.close()
 
 
 def test_a_command_run_lands_on_a_tracking_server(server, tmp_path):

@@ -15,7 +15,12 @@ def spec(tmp_path):
 
 
 def test_flatten_gives_dotted_params():
-    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": {}}) == {"a.b": "1", "a.c": "[1, 2]", "d": "null", "e": "{}"}
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": {}}) == {
+        "a.b": "1",
+        "a.c": "[1, 2]",
+        "d": "null",
+        "e": "{}",
+    }
 
 
 def test_the_uri_comes_from_the_spec_then_the_env_then_runs(monkeypatch, spec, tmp_path):
@@ -49,9 +54,12 @@ def test_a_command_run_holds_the_spec_metrics_artifacts_and_data(spec, tmp_path)
 
 
 def test_a_failing_command_ends_its_run_failed_and_nests_under_a_parent(spec):
-    with command_run(spec, "tune") as parent:
-        with pytest.raises(RuntimeError), command_run(spec, "trial", parent=parent) as trial:
-            raise RuntimeError("boom")
+    with (
+        command_run(spec, "tune") as parent,
+        pytest.raises(RuntimeError),
+        command_run(spec, "trial", parent=parent) as trial,
+    ):
+        raise RuntimeError("boom")
     client = mlflow.MlflowClient(spec.tracking.uri)
     assert client.get_run(trial.run_id).info.status == "FAILED"
     assert client.get_run(trial.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
