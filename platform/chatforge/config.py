@@ -452,6 +452,76 @@ class TrackingSpec(Strict):
     registered_model: str = Field("chatforge-chat", description="registry name a model that passes the gate gets")
 
 
+# ---------------------------------------------------------------- hyperparameter search
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+
+
+class Distribution(Strict):
+    """One search dimension: exactly one of ``loguniform: [low, high]``, ``uniform: [low, high]``,
+    ``randint: [low, high]`` (high excluded), ``choice: [values]`` (sampled) or ``grid: [values]`` (each tried)."""
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Distribution:
+        given = [name for name in DISTRIBUTIONS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DISTRIBUTIONS)} (got {', '.join(given) or 'none'})")
+        bounds = self.loguniform or self.uniform or self.randint
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"{given[0]}: low ({bounds[0]}) must be below high ({bounds[1]})")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform: low must be above 0")
+        if (self.choice is not None and not self.choice) or (self.grid is not None and not self.grid):
+            raise ValueError(f"{given[0]}: give at least one value")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in DISTRIBUTIONS if getattr(self, name) is not None)
+
+    def extremes(self) -> list[Any]:
+        """Values that together stand for the whole range, for checking the spec accepts them before any trial."""
+        if self.kind in ("choice", "grid"):
+            return list(self.choice or self.grid or [])
+        low, high = self.loguniform or self.uniform or self.randint
+        return [low, high - 1] if self.kind == "randint" else [low, high]
+
+
+class TuneSpec(Strict):
+    """`chatforge tune`: a search over training keys on Ray Tune, trials run by the same trainer as `chatforge
+    train`, ASHA stopping trials on eval_loss."""
+
+    output: str = "runs/tune"
+    space: dict[str, Distribution] = Field(
+        default_factory=dict, description="dotted training keys (e.g. train.lr, lora.r) to their distributions"
+    )
+    algorithm: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random: sample; grid: every grid value (num_samples times); optuna: TPE"
+    )
+    num_samples: int = Field(4, ge=1, description="trials (random, optuna); grid: repeats of the whole grid")
+    max_concurrent_trials: int = Field(2, ge=1)
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops trials whose eval_loss lags")
+    grace_period: int = Field(1, ge=1, description="ASHA: evals every trial gets before it may be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: 1/this of the trials go on at each rung")
+    seed: int | None = Field(0, description="seed of the searcher (None: a fresh search each time)")
+    resume: bool = Field(False, description="continue the search found in OUTPUT (Tuner.restore)")
+
+    @model_validator(mode="after")
+    def _grid(self) -> TuneSpec:
+        kinds = {d.kind for d in self.space.values()}
+        if self.algorithm == "optuna" and "grid" in kinds:
+            raise ValueError("tune.space: optuna does not take grid dimensions; use choice, or algorithm: grid")
+        if self.algorithm == "grid" and kinds - {"grid", "choice"}:
+            raise ValueError("tune.space: algorithm grid needs grid (or choice) dimensions only")
+        return self
+
+
 class Spec(Strict):
     """A pipeline spec: the sections a command does not use are allowed and ignored by it."""
 
@@ -467,6 +537,7 @@ class Spec(Strict):
     scaling: ScalingSpec = ScalingSpec()
     serve: ServeSpec = ServeSpec()
     tracking: TrackingSpec = TrackingSpec()
+    tune: TuneSpec = TuneSpec()
 
 
 # ---------------------------------------------------------------- loading

@@ -1,0 +1,1 @@
+"""Hyperparameter search on Ray Tune over the training spec (`chatforge tune`)."""
