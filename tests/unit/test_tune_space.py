@@ -63,6 +63,7 @@ def test_bad_distributions_name_what_is_wrong(override, message):
     [
         ("{serve.port: {choice: [1, 2]}}", "not a key a trial may vary"),
         ("{train.output: {choice: [a, b]}}", "not a key a trial may vary"),
+        ("{model.max_length: {choice: [64, 128]}}", "not a key a trial may vary"),
         ("{train.lrr: {choice: [0.1]}}", "no such key"),
         ("{deepspeed.zero_stage: {choice: [0, 4]}}", "4 is not a valid value"),
         ("{train.batch_size: {randint: [0, 4]}}", "0 is not a valid value"),
@@ -84,3 +85,10 @@ def test_optuna_takes_no_grid_and_grid_takes_no_ranges():
         load_spec(None, ["tune.algorithm=optuna", "tune.space={train.lr: {grid: [0.1]}}"])
     with pytest.raises(SpecError, match="grid needs grid"):
         load_spec(None, ["tune.algorithm=grid", "tune.space={train.lr: {uniform: [0.1, 0.2]}}"])
+
+
+@pytest.mark.parametrize("path", ["pipelines/tune.yaml", "pipelines/tune-lora.yaml"])
+def test_the_shipped_search_specs_parse_and_check(path):
+    spec = load_spec(path)
+    check_space(spec)
+    assert spec.tune.num_samples >= 4 and spec.tune.scheduler == "asha"

@@ -9,6 +9,7 @@ OUTPUT/training.json   resolved config, data fingerprints, data and final metric
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -275,6 +276,63 @@ def export_dirs(checkpoint_dir: str, output: str, names: tuple[str, ...]) -> Non
             shutil.rmtree(f"{staging}.old", ignore_errors=True)
 
 
+@dataclass
+class PreparedData:
+    """What every run on the same data shares: the tokenizer, and the tokenized, packed train and val datasets
+    (materialized once; a search's trials all train on them)."""
+
+    tokenizer: Any
+    train: Any  # ray.data.Dataset
+    val: Any
+    stats: dict[str, Any]
+    domains: list[str]
+    data_dirs: list[str]
+
+
+def prepare_training_data(spec: Spec, progress=None) -> PreparedData:
+    """Tokenizer (trained for a scratch model, else the model's), then the tokenized, packed datasets."""
+    say = progress or (lambda message: None)
+    if not spec.train.data:
+        raise TrainDataError("no training data: pass --data DIR (a curation output's data/) or set train.data")
+    data_dirs = [resolve_data_dir(d.path) for d in spec.train.data]
+    say("tokenizer")
+    texts = _training_texts(data_dirs) if spec.model.from_scratch else None
+    tokenizer = load_tokenizer(spec.model, texts)
+    say("tokenizing and packing")
+    train_ds, val_ds, data_stats = prepare_datasets(spec, spec.train.data, data_dirs, tokenizer)
+    domains = [d.tag or Path(p).parent.name or f"data{i}" for i, (d, p) in enumerate(zip(spec.train.data, data_dirs))]
+    return PreparedData(tokenizer, train_ds, val_ds, data_stats, domains, data_dirs)
+
+
+def build_trainer(spec: Spec, prepared: PreparedData, run_config, fault_at_step: int | None = None):
+    """The Ray Train `TorchTrainer` of ``spec`` on ``prepared`` data: what `chatforge train` fits, and each trial of
+    `chatforge tune`. ``run_config`` names where checkpoints go and the callbacks; its failure config is the spec's."""
+    from ray.train import FailureConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    scaling = spec.scaling
+    run_config = dataclasses.replace(run_config, failure_config=FailureConfig(max_failures=scaling.max_failures))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": resolved(spec),
+            "tokenizer": prepared.tokenizer,
+            "domains": prepared.domains,
+            "trainable_token_ids": _added_token_ids(spec, prepared.tokenizer),
+            "fault_at_step": fault_at_step,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        run_config=run_config,
+        datasets={"train": prepared.train, "val": prepared.val},
+        dataset_config=presplit_data_config(prepared.train, scaling.num_workers),
+    )
+
+
 def run_training(spec: Spec, fault_at_step: int | None = None, progress=None, on_report=None) -> TrainingResult:
     """Train per ``spec`` into ``spec.train.output``; Ray must already be initialised.
 
@@ -283,8 +341,7 @@ def run_training(spec: Spec, fault_at_step: int | None = None, progress=None, on
     that step on the first attempt (to exercise resume in tests).
     """
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, RunConfig
 
     say = progress or (lambda message: None)
     started = time.perf_counter()
@@ -296,43 +353,18 @@ def run_training(spec: Spec, fault_at_step: int | None = None, progress=None, on
         # Ray Train restores a run found at its storage path; a new run must not silently continue an old one.
         shutil.rmtree(checkpoints, ignore_errors=True)
     os.makedirs(output, exist_ok=True)
-    data_dirs = [resolve_data_dir(d.path) for d in spec.train.data]
+    prepared = prepare_training_data(spec, progress=say)
+    data_dirs, data_stats = prepared.data_dirs, prepared.stats
 
-    say("tokenizer")
-    texts = _training_texts(data_dirs) if spec.model.from_scratch else None
-    tokenizer = load_tokenizer(spec.model, texts)
-    say("tokenizing and packing")
-    train_ds, val_ds, data_stats = prepare_datasets(spec, spec.train.data, data_dirs, tokenizer)
-    domains = [d.tag or Path(p).parent.name or f"data{i}" for i, (d, p) in enumerate(zip(spec.train.data, data_dirs))]
-
-    scaling = spec.scaling
     with follow_reports(on_report) as callbacks:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "spec": resolved(spec),
-                "tokenizer": tokenizer,
-                "domains": domains,
-                "trainable_token_ids": _added_token_ids(spec, tokenizer),
-                "fault_at_step": fault_at_step,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=scaling.num_workers,
-                use_gpu=scaling.use_gpu,
-                resources_per_worker={"CPU": scaling.cpus_per_worker},
-            ),
-            torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-            run_config=RunConfig(
-                name="train",
-                storage_path=checkpoints,
-                checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=scaling.max_failures),
-                callbacks=callbacks,
-            ),
-            datasets={"train": train_ds, "val": val_ds},
-            dataset_config=presplit_data_config(train_ds, scaling.num_workers),
+        run_config = RunConfig(
+            name="train",
+            storage_path=checkpoints,
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            callbacks=callbacks,
         )
-        say(f"training on {scaling.num_workers} workers (ZeRO-{spec.deepspeed.zero_stage}, {spec.method})")
+        trainer = build_trainer(spec, prepared, run_config, fault_at_step=fault_at_step)
+        say(f"training on {spec.scaling.num_workers} workers (ZeRO-{spec.deepspeed.zero_stage}, {spec.method})")
         context = ray.data.DataContext.get_current()
         bars, context.enable_progress_bars = context.enable_progress_bars, False  # workers' data bars are noise in logs
         try:

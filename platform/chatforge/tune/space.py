@@ -14,9 +14,18 @@ from pydantic import ValidationError
 
 from chatforge.config import Distribution, Spec, SpecError, _set_dotted, describe_errors, resolved
 
-# The sections a search may vary: what `chatforge train` reads, minus where it reads and writes.
+# The sections a search may vary: what `chatforge train` reads, minus where it reads and writes and what shapes the
+# data, which is tokenized and packed once for every trial.
 SEARCHABLE = ("model", "train", "deepspeed", "method", "lora", "scaling")
-FIXED = ("train.data", "train.output", "train.resume", "model.name_or_path")
+FIXED = (
+    "train.data",
+    "train.output",
+    "train.resume",
+    "train.packing",
+    "model.name_or_path",
+    "model.max_length",
+    "model.vocab_size",
+)
 
 
 def param_space(space: dict[str, Distribution]) -> dict[str, Any]:
