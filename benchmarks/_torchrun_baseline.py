@@ -5,10 +5,10 @@
 
 Not meant to be run by hand: `train_overhead.py` writes the spec, runs chatforge on it first (whose exported model
 dir holds the tokenizer chatforge trained), then starts this script with the same spec, so both runs use the same
-`ModelSpec`, `TrainLoopSpec` and `DeepSpeedSpec`. Everything that shapes a step comes from chatforge itself:
-`build_model`, `TokenizeSamples`/`PackRows` (rows), `deepspeed_config`, `lr_multiplier`, `model_inputs`,
-`evaluate` and `_export`; the micro-step loop below is `train/loop.py`'s, line for line, minus Ray
-(no `get_dataset_shard`, no `ray.train.report`, no Ray checkpoint). Rank 0 writes its result as JSON to ``--result``
+`ModelSpec`, `TrainLoopSpec` and `DeepSpeedSpec`. Every step is chatforge's own: `TokenizeSamples`/`PackRows`
+(rows), `build_engine` (model, DeepSpeed config, LR schedule), `run_steps` (the loop each Ray Train worker runs, with
+its non-finite check, logging and evaluation), `save_checkpoint` and `export_model`; what Ray adds is left out (no
+`get_dataset_shard`, no `ray.train.report`, no Ray checkpoint). Rank 0 writes its result as JSON to ``--result``
 (DeepSpeed logs to stdout, so stdout is not a reliable channel).
 
 ``--memory-stage S`` measures instead of timing: one micro-step of the same model under ZeRO stage S on random
@@ -32,20 +32,11 @@ import pyarrow.parquet as pq
 import torch
 
 from chatforge.config import Spec, load_spec
-from chatforge.train.deepspeed import deepspeed_config, lr_multiplier
-from chatforge.train.loop import (
-    TENSOR_KEYS,
-    _allreduce_sum,
-    _export,
-    _grad_norm,
-    _init_distributed,
-    _on_device,
-    _param_groups,
-    evaluate,
-)
-from chatforge.train.model import build_model, count_parameters
-from chatforge.train.tokenize import PAD_SEQUENCE_ID, model_inputs
-from chatforge.train.trainer import PackRows, TokenizeSamples
+from chatforge.train.data import PackRows, TokenizeSamples
+from chatforge.train.engine import allreduce_sum, build_engine, export_model, init_distributed
+from chatforge.train.loop import LoopState, micro_batches, run_steps, save_checkpoint
+from chatforge.train.metrics import MetricsHistory
+from chatforge.train.tokenize import PAD_SEQUENCE_ID, TENSOR_KEYS, model_inputs
 
 TOKENIZE_BATCH = 256  # conversations per TokenizeSamples call, as prepare_datasets' map_batches
 PACK_BATCH = 1024  # samples per PackRows call, as prepare_datasets' map_batches
@@ -77,22 +68,32 @@ def batch_at(rows: dict[str, np.ndarray], start: int, batch_size: int) -> dict[s
     return {key: torch.from_numpy(value[start : start + batch_size]).long() for key, value in rows.items()}
 
 
-def micro_batches(rows: dict[str, np.ndarray], batch_size: int):
-    """Full micro-batches forever, epoch after epoch, in order (Ray's ``iter_torch_batches(drop_last=True)``)."""
-    count = len(rows["input_ids"]) // batch_size
-    if count == 0:
-        raise SystemExit(f"a rank got no full batch of {batch_size} rows")
-    while True:
-        for i in range(count):
-            yield batch_at(rows, i * batch_size, batch_size)
+def epoch_of(rows: dict[str, np.ndarray], batch_size: int):
+    """One pass over the rows in full micro-batches, in order (Ray's ``iter_torch_batches(drop_last=True)``)."""
+    return (
+        batch_at(rows, start, batch_size) for start in range(0, len(rows["input_ids"]) - batch_size + 1, batch_size)
+    )
+
+
+class TimedHistory(MetricsHistory):
+    """The loop's rows, each log row with the wall time and steps of its window (``step_s`` comes from them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mark = (time.perf_counter(), 0)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if "tokens_per_s" in metrics:
+            now = time.perf_counter()
+            (then, then_step), self.mark = self.mark, (now, step)
+            metrics = {**metrics, "window_s": now - then, "window_steps": step - then_step}
+        super().log(step, metrics)
 
 
 # ---------------------------------------------------------------- timing run
 
 
 def timed_run(args, spec: Spec, tokenizer, rank: int, world: int, started: float) -> dict | None:
-    import deepspeed
-
     loop = spec.train
     device = torch.device("cpu")
     train_rows = packed_rows(os.path.join(args.data, "train"), spec, tokenizer, rank, world)
@@ -101,81 +102,41 @@ def timed_run(args, spec: Spec, tokenizer, rank: int, world: int, started: float
     val_batches = [
         batch_at(val_rows, i, loop.batch_size) for i in range(0, len(val_rows["input_ids"]), loop.batch_size)
     ]
-    real, total = _allreduce_sum(
+    real, total = allreduce_sum(
         [float((train_rows["sequence_ids"] != PAD_SEQUENCE_ID).sum()), float(train_rows["sequence_ids"].size)], device
     )
 
-    torch.manual_seed(loop.seed)  # the same initial weights on every rank
-    model = build_model(spec.model, tokenizer)
-    trainable, params = count_parameters(model)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=_param_groups(model, loop.weight_decay),
-        config=deepspeed_config(spec.deepspeed, loop, use_gpu=False, bf16=False),
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_multiplier, loop=loop)),
-    )
-    batches = micro_batches(train_rows, loop.batch_size)
+    engine = build_engine(spec, tokenizer, rank, world)
+    state = LoopState()
+    batches = micro_batches(partial(epoch_of, train_rows, loop.batch_size), state, loop.batch_size)
     setup_s = time.perf_counter() - started
 
-    # The loop of train/loop.py: same micro-steps, same per-step .item() and token count, same all-reduce per log.
-    history = []
-    step = 0
-    stage0_grad_norm = spec.deepspeed.zero_stage == 0
-    last_grad_norm = None
+    # The loop each Ray Train worker runs; the spec evaluates once, at the last step.
+    history = TimedHistory()
     train_started = time.perf_counter()
-    engine.train()
-    window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-    while step < loop.max_steps:
-        for _ in range(loop.grad_accum):
-            batch = _on_device(next(batches), device)
-            loss = engine(**model_inputs(batch)).loss
-            engine.backward(loss)
-            if stage0_grad_norm and engine.is_gradient_accumulation_boundary():
-                last_grad_norm = _grad_norm(engine.module)
-            engine.step()
-            window_loss += loss.item()
-            window_micro += 1
-            window_tokens += int((batch["sequence_ids"] != PAD_SEQUENCE_ID).sum())
-        step += 1
-        last = step == loop.max_steps
-        if step % loop.log_every == 0 or last:
-            loss_sum, micro, tokens = _allreduce_sum([window_loss, window_micro, window_tokens], device)
-            elapsed = time.perf_counter() - window_start
-            grad_norm = last_grad_norm if stage0_grad_norm else engine.get_global_grad_norm()
-            history.append(
-                {
-                    "step": step,
-                    "loss": loss_sum / micro,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "tokens_per_s": tokens / elapsed,
-                    "window_s": elapsed,
-                    "window_steps": step - (history[-1]["step"] if history else 0),
-                }
-            )
-            window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    run_steps(engine, batches, state, loop, val_batches, history)
     train_s = time.perf_counter() - train_started
 
-    # The end of a chatforge run: evaluate, save the DeepSpeed checkpoint, export the Hugging Face model.
-    evaluation = evaluate(engine, val_batches, ["data"], device)
+    # The end of a chatforge run: the final checkpoint, and the Hugging Face model exported beside it.
     with tempfile.TemporaryDirectory(prefix=f"baseline-ckpt-r{rank}-") as tmp:
-        engine.save_checkpoint(tmp, tag=f"step{step}", client_state={"step": step})
-        _export(engine, spec, tokenizer, rank, spec.deepspeed.zero_stage, None, args.output or tmp)  # no early stopping
+        save_checkpoint(engine, state, tmp, lora=False, with_best_weights=False)
+        export_model(engine, spec, tokenizer, state.best_weights, args.output or tmp)
     torch.distributed.barrier()
     if rank != 0:
         return None
-    steady = [row for row in history if row["step"] > args.warmup] or history
+    logged = [row for row in history.rows if "tokens_per_s" in row]
+    steady = [row for row in logged if row["step"] > args.warmup] or logged
     return {
         "tokens_per_s": sum(row["tokens_per_s"] for row in steady) / len(steady),
         "step_s": sum(row["window_s"] for row in steady) / sum(row["window_steps"] for row in steady),
         "packing_efficiency": round(real / total, 4),
         "train_rows": int(total // spec.model.max_length),
-        "total_params": params,
-        "trainable_params": trainable,
+        "total_params": engine.total_params,
+        "trainable_params": engine.trainable_params,
         "setup_s": round(setup_s, 3),
         "train_s": round(train_s, 3),
-        "eval_loss": evaluation["eval_loss"],
-        "history": history,
+        "eval_loss": history.last("eval_loss")["eval_loss"],
+        "history": logged,
     }
 
 
@@ -215,19 +176,11 @@ def measured_memory(engine, stage: int, grads: int) -> dict[str, int]:
     }
 
 
-def memory_run(args, spec: Spec, tokenizer, rank: int) -> dict:
-    import deepspeed
-
+def memory_run(args, spec: Spec, tokenizer, rank: int, world: int) -> dict:
     stage = args.memory_stage
     ds = spec.deepspeed.model_copy(update={"zero_stage": stage, "offload_optimizer": False, "offload_params": False})
-    torch.manual_seed(spec.train.seed)
-    model = build_model(spec.model, tokenizer)
-    trainable, params = count_parameters(model)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=_param_groups(model, spec.train.weight_decay),
-        config=deepspeed_config(ds, spec.train, use_gpu=False, bf16=False),
-    )
+    built = build_engine(spec.model_copy(update={"deepspeed": ds}), tokenizer, rank, world)
+    engine, trainable, params = built.model, built.trainable_params, built.total_params
     rows, length = spec.train.batch_size, spec.model.max_length
     input_ids = torch.randint(0, len(tokenizer), (rows, length), generator=torch.Generator().manual_seed(rank))
     batch = {
@@ -274,11 +227,11 @@ def main() -> None:
     spec = load_spec(args.spec)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))  # as the Ray worker does
-    _init_distributed(use_gpu=False)
+    init_distributed(use_gpu=False)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
 
     if args.memory_stage is not None:
-        mine = memory_run(args, spec, tokenizer, rank)
+        mine = memory_run(args, spec, tokenizer, rank, world)
         everyone = [None] * world
         torch.distributed.all_gather_object(everyone, mine)
         result = {"per_rank": everyone} if rank == 0 else None

@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from chatforge.config import load_spec  # noqa: E402
 from chatforge.data import augment, dedup, filters, formats, normalize, pii, sources, split, toxicity  # noqa: E402
 from chatforge.data.schema import mark_dropped  # noqa: E402
+from chatforge.safety.scorers import build_scorer  # noqa: E402
 from helpers.corpus import write_sharegpt_jsonl  # noqa: E402
 
 SPEC = os.path.join(ROOT, "pipelines", "curate.yaml")
@@ -172,7 +173,7 @@ class PeakMemory:
 def single_process(corpus: str, output: str) -> dict:
     """The same per-batch functions in one process, for the baseline."""
     spec = load_spec(SPEC).curate
-    scorer = toxicity.build_scorer(spec.toxicity)
+    scorer = build_scorer(spec.toxicity)
     started = time.perf_counter()
     records = []
     size = os.path.getsize(corpus)
@@ -224,15 +225,16 @@ def in_memory_dedup(records: list[dict], spec) -> None:
     signatures = dedup.minhash_signatures(
         [dedup.normalized_conversation(r["messages"]) for r in reps], spec.num_perm, spec.shingle_words
     )
-    # All bands' rows as one block through the step's own band_rows and near_block (as dedup in one task runs
-    # them): near_block verifies candidates on the sketches and links each row to the smallest row of its group.
+    # All bands' rows as one block through the step's own band_rows and verified_band_edges (as dedup in one task
+    # runs them): verified_band_edges verifies candidates on the sketches and links each row to the smallest row of
+    # its group.
     representatives = pa.table(
         {
-            dedup.ROW: [r["id"] for r in reps],
-            dedup.SIG: pa.FixedSizeListArray.from_arrays(pa.array(signatures.ravel()), spec.num_perm),
+            dedup.ROW_KEY: [r["id"] for r in reps],
+            dedup.SIGNATURE: pa.FixedSizeListArray.from_arrays(pa.array(signatures.ravel()), spec.num_perm),
         }
     )
-    edges = dedup.near_block(dedup.band_rows(representatives, spec.bands), spec.threshold, spec.num_perm)
+    edges = dedup.verified_band_edges(dedup.band_rows(representatives, spec.bands), spec.threshold, spec.num_perm)
     dup_of = dict(zip(edges["src"].to_pylist(), edges["dst"].to_pylist(), strict=True))
     for record in reps:
         if record["id"] in dup_of:

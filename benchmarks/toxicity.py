@@ -111,8 +111,8 @@ def main() -> None:
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
 
     from chatforge.config import load_spec
-    from chatforge.data.toxicity import ProfanityScorer
     from chatforge.safety.evalset import chitchat_conversations, template_set
+    from chatforge.safety.scorers import ProfanityScorer
     from chatforge.safety.targeted import TargetedScorer
 
     profanity = ProfanityScorer()

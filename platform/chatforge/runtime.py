@@ -1,10 +1,15 @@
-"""Joining or starting Ray for a command, with a clear error instead of a silent hang."""
+"""Joining or starting Ray for a command, with a clear error instead of a silent hang; and handing a worker's freed
+heap back to the OS."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 from chatforge.config import RaySpec
 
@@ -44,9 +49,9 @@ def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> None:
         # Ray's internal knobs: idle workers kept, Ray Train's report polling (chatforge.compat)
         for name, value in local_ray_env(int(spec.num_cpus or os.cpu_count() or 1), idle_workers_per_cpu).items():
             os.environ.setdefault(name, value)
-        # Arrow's default allocator, mimalloc, keeps what a task freed: after the curation benchmark's 4x input the
-        # idle workers hold 1.8 GB of heap with it and 0.85 GB with jemalloc, which hands freed pages back to the OS.
-        # Workers of a local Ray inherit this; on a cluster, set it in the nodes' environment (docs/curation.md).
+        # Arrow's default allocator, mimalloc, keeps what a task freed; jemalloc hands freed pages back to the OS
+        # (docs/benchmarks.md). Workers of a local Ray inherit this; on a cluster, set it in the nodes' environment
+        # (docs/curation.md).
         os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
     if not spec.address:
         # In this thread: Ray ties the processes it starts to the life of the thread that started them.
@@ -74,3 +79,23 @@ def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> None:
         )
     if failure:
         raise RayConnectError(f"could not join Ray at {spec.address}: {failure[0]}") from failure[0]
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
+        return None
+
+
+def release_freed_heap() -> None:
+    """Hand the pages freed Python objects leave in glibc's heaps back to the OS (``malloc_trim``; a no-op elsewhere).
+
+    A batch of records as row dicts is many small and mid-sized objects; freed, they leave the heap fragmented, and
+    glibc keeps its free pages until asked. A Ray worker runs batch after batch and then idles, so without this each
+    worker keeps the heap of its largest batches (docs/benchmarks.md). Called after every record-step batch."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -6,8 +6,9 @@ import pyarrow as pa
 import pytest
 
 from chatforge.config import PII_TYPES, PiiSpec
+from chatforge.data.batches import records_to_table
 from chatforge.data.pii import PII_COUNTS_TYPE, PiiStep
-from chatforge.data.schema import BASE_SCHEMA, STAGE_SECONDS_COLUMN, STAGE_SECONDS_TYPE, records_to_table, with_columns
+from chatforge.data.schema import BASE_SCHEMA, STAGE_SECONDS_COLUMN, STAGE_SECONDS_TYPE, with_columns
 
 ZEROS = dict.fromkeys(PII_TYPES, 0)
 

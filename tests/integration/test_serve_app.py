@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -95,6 +96,22 @@ def rows(db, query: str, *params) -> list[tuple]:
         return connection.execute(query, params).fetchall()
 
 
+def stored(db, query: str, *params, count: int = 1) -> list[tuple]:
+    """The rows of ``query`` once there are ``count`` of them: the ingress writes in the background (and a store
+    that was down may not have its file or tables yet)."""
+    deadline, found, why = time.monotonic() + 60, [], "no database file"
+    while len(found) < count:
+        if Path(db).exists():
+            try:
+                found, why = rows(db, query, *params), "too few rows"
+            except sqlite3.OperationalError as error:
+                why = str(error)
+        if len(found) < count:
+            assert time.monotonic() < deadline, f"not stored within 60 s ({why}): {query} {params}"
+            time.sleep(0.2)
+    return found
+
+
 def error_of(response: httpx.Response) -> dict:
     body = response.json()
     assert set(body) == {"error"}, body
@@ -138,24 +155,30 @@ def test_openai_client_streaming_matches_the_plain_answer(client, served):
         events = [line for line in response.iter_lines() if line]
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
     stream_id = json.loads(events[0][6:])["id"]
-    assert rows(served.db, "SELECT stream, variant FROM completions WHERE id = ?", stream_id) == [(1, "beta")]
+    assert stored(served.db, "SELECT stream, variant FROM completions WHERE id = ?", stream_id) == [(1, "beta")]
 
 
-def test_a_client_leaving_mid_stream_is_recorded_and_the_replica_keeps_serving(served, client):
-    body = {"model": "alpha", "messages": HELLO, "max_tokens": 64, "temperature": 1.0, "seed": 7, "stream": True}
+def test_a_stream_cut_by_the_client_is_stored_with_the_tokens_generated_up_to_the_cut(served, client):
+    """The long variant would answer LONG tokens; the client reads 3 content chunks and closes the connection."""
+    before = generated()
+    body = {"model": "long", "messages": RIVERS, "max_tokens": LONG, "temperature": 0, "stream": True}
+    chunks = []
     with served.http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
-        lines = response.iter_lines()
-        first = json.loads(next(line for line in lines if line.startswith("data: "))[len("data: ") :])
-    # the connection is closed after the first chunk; the ingress stores what was sent and cancels the sequence
-    deadline = time.monotonic() + 60
-    while not (
-        stored := rows(served.db, "SELECT stream, completion_tokens FROM completions WHERE id = ?", first["id"])
-    ):
-        assert time.monotonic() < deadline, "the abandoned stream was never recorded"
-        time.sleep(0.5)
-    assert stored[0][0] == 1 and stored[0][1] < 64
-    after = client.chat.completions.create(model="alpha", messages=HELLO, max_tokens=4, temperature=0)
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[len("data: ") :]))
+            if sum(bool(c["choices"] and c["choices"][0]["delta"].get("content")) for c in chunks) == 3:
+                break
+    received = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    # the ingress stores what it sent and the tokens generated for it, and cancels the sequence
+    ((streamed, tokens, answer),) = stored(
+        served.db, "SELECT stream, completion_tokens, answer FROM completions WHERE id = ?", chunks[0]["id"]
+    )
+    spent = generated() - before  # the engine's own count, cut included
+    assert streamed == 1 and answer.startswith(received)
+    assert 3 <= tokens <= spent < LONG / 2, (tokens, spent)
+    after = client.chat.completions.create(model="long", messages=HELLO, max_tokens=4, temperature=0)
     assert after.choices[0].finish_reason in ("stop", "length")
 
 
@@ -198,22 +221,148 @@ def test_feedback_is_stored_and_joins_its_scrubbed_completion(served):
     completion = served.http.post("/v1/chat/completions", json={"messages": messages, "user": "u-feedback"}).json()
     cid = completion["id"]
     posted = served.http.post(
-        "/v1/feedback", json={"completion_id": cid, "rating": -1, "correction": "Roses need sun.", "comment": "meh"}
+        "/v1/feedback",
+        json={
+            "completion_id": cid,
+            "rating": -1,
+            "correction": "Roses need sun.",
+            "comment": "meh",
+            "user": "u-feedback",
+        },
     )
     assert posted.status_code == 200, posted.text
-    assert posted.json()["completion_id"] == cid
-    joined = rows(
+    assert posted.json()["completion_id"] == cid and posted.json()["id"].startswith("feedback-")
+    joined = stored(
         served.db,
-        "SELECT c.variant, c.user, c.prompt, c.guard, c.completion_tokens, f.rating, f.correction, f.comment "
-        "FROM completions c JOIN feedback f ON f.completion_id = c.id WHERE c.id = ?",
+        "SELECT c.variant, c.user, c.prompt, c.guard, c.completion_tokens, f.rating, f.correction, f.comment, "
+        "f.user, f.public_id, c.key_id, f.key_id FROM completions c JOIN feedback f ON f.completion_id = c.id "
+        "WHERE c.id = ?",
         cid,
     )
     assert len(joined) == 1
-    variant, user, prompt, guard, tokens, rating, correction, comment = joined[0]
-    assert variant == completion["model"] and user == "u-feedback" and guard in ("pass", "flagged")
+    variant, user, prompt, guard, tokens, rating, correction, comment, rater, public_id, *key_ids = joined[0]
+    assert variant == completion["model"] and guard in ("pass", "flagged")
     assert tokens == completion["usage"]["completion_tokens"]
-    assert (rating, correction, comment) == (-1, "Roses need sun.", "meh")
+    assert (rating, correction, comment, public_id) == (-1, "Roses need sun.", "meh", posted.json()["id"])
     assert "jane.doe@example.com" not in prompt and "roses" in prompt
+    # `user` is kept only as a keyed hash, the same in both tables; the key id is the one that asked
+    assert user == rater and user.startswith("u-") and "feedback" not in user
+    assert key_ids == [key_digest(FILE_KEY)[:12]] * 2
+
+
+def test_a_completion_takes_one_rating_and_only_from_the_key_that_asked(served):
+    cid = served.http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}).json()["id"]
+    first = served.http.post("/v1/feedback", json={"completion_id": cid, "rating": 1})
+    assert first.status_code == 200, first.text
+    again = served.http.post("/v1/feedback", json={"completion_id": cid, "rating": -1})
+    assert again.status_code == 409
+    assert error_of(again)["code"] == "already_rated" and error_of(again)["param"] == "completion_id"
+    # another key learns nothing: its answer is the one an id that never existed gets
+    other = httpx.post(
+        f"{served.url}/v1/feedback",
+        json={"completion_id": cid, "rating": -1},
+        headers={"Authorization": f"Bearer {ENV_KEY}"},
+        timeout=30,
+    )
+    unknown = served.http.post("/v1/feedback", json={"completion_id": "chatcmpl-nope", "rating": 1})
+    assert other.status_code == unknown.status_code == 404
+    assert error_of(other) == {
+        **error_of(unknown),
+        "message": error_of(unknown)["message"].replace("chatcmpl-nope", cid),
+    }
+    assert stored(served.db, "SELECT rating FROM feedback WHERE completion_id = ?", cid) == [(1,)]
+
+
+@pytest.mark.parametrize(("field", "limit"), [("correction", 8000), ("comment", 2000)])
+def test_feedback_text_over_its_cap_is_a_400_naming_the_field_and_the_limit(served, field, limit):
+    cid = served.http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}).json()["id"]
+    for size in (limit + 1, 900_000):  # just over, and near max_body_bytes
+        response = served.http.post("/v1/feedback", json={"completion_id": cid, "rating": 1, field: "z" * size})
+        assert response.status_code == 400, response.text
+        error = error_of(response)
+        assert error["param"] == field and error["code"] == "string_too_long"
+        assert str(limit) in error["message"] and str(size) in error["message"]
+    assert (
+        served.http.post("/v1/feedback", json={"completion_id": cid, "rating": 1, field: "z" * limit}).status_code
+        == 200
+    )
+
+
+def test_a_locked_database_delays_no_answer_and_loses_no_write(served):
+    """Another process holds SQLite's write lock while a completion is asked for and rated: both are answered
+    (before the lock goes, so without any write), and both rows land once it goes."""
+    holder = sqlite3.connect(served.db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        completion = served.http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+        assert completion.status_code == 200
+        cid = completion.json()["id"]
+        rated = served.http.post("/v1/feedback", json={"completion_id": cid, "rating": 0, "comment": "locked"})
+        assert rated.status_code == 200, rated.text
+        assert rows(served.db, "SELECT id FROM completions WHERE id = ?", cid) == []  # nothing written yet
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    assert stored(served.db, "SELECT comment FROM feedback WHERE completion_id = ?", cid) == [("locked",)]
+
+
+@pytest.fixture(scope="module")
+def store_down(served, tmp_path_factory):
+    """A second ingress on the same variant replicas, whose SQLite store cannot be opened when it starts: a file
+    stands where the store's directory should be."""
+    from ray import serve
+
+    from chatforge.config import ServeSpec
+    from chatforge.serve.app import ChatIngress
+
+    blocker = tmp_path_factory.mktemp("store-down") / "runs"
+    blocker.write_text("not a directory")
+    spec = ServeSpec.model_validate(
+        {**served.args, "feedback": {"url": f"sqlite:///{blocker}/feedback.db", "url_env": None}}
+    )
+    models = {"alpha": serve.get_deployment_handle("alpha", app_name="chatforge")}
+    ingress = ChatIngress.options(name="store-down-ingress", ray_actor_options={"num_cpus": 0.1})
+    serve.run(ingress.bind(spec, models, [key_digest(FILE_KEY)]), name="store-down", route_prefix="/store-down")
+    yield SimpleNamespace(url=f"{served.url}/store-down", blocker=blocker, db=blocker / "feedback.db")
+    serve.delete("store-down")
+
+
+def test_a_store_down_at_start_takes_nothing_down_and_loses_nothing(served, store_down):
+    # the ingress started (serve.run returned) with its store unreachable; the API answers
+    asked = served.http.post(f"{store_down.url}/v1/chat/completions", json={"model": "alpha", "messages": HELLO})
+    assert asked.status_code == 200, asked.text
+    cid = asked.json()["id"]
+    rated = served.http.post(f"{store_down.url}/v1/feedback", json={"completion_id": cid, "rating": 1})
+    assert rated.status_code == 200, rated.text  # right after its completion, which is still queued
+    again = served.http.post(f"{store_down.url}/v1/feedback", json={"completion_id": cid, "rating": 1})
+    assert again.status_code == 409
+    health = served.http.get(f"{store_down.url}/healthz").json()
+    assert health["status"] == "ok" and health["store"]["status"] == "degraded" and health["store"]["queued"] >= 2
+    assert httpx.get(f"{store_down.url}/healthz", timeout=30).json() == {"status": "ok"}  # no key: nothing more
+
+    wanted = ["ray_chatforge_feedback_write_errors_total{", "ray_chatforge_feedback_queue_depth{"]
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    retries = [
+        line
+        for line in text.splitlines()
+        if line.startswith(wanted[0]) and 'outcome="retry"' in line and 'record="schema"' in line
+    ]
+    assert retries and float(retries[0].rsplit(" ", 1)[1]) >= 1, text[-2000:]
+    assert any(line.startswith(wanted[1]) for line in text.splitlines())
+
+    store_down.blocker.unlink()  # the store comes back: everything queued lands, in order
+    assert stored(store_down.db, "SELECT rating FROM feedback WHERE completion_id = ?", cid) == [(1,)]
+    assert rows(store_down.db, "SELECT id FROM completions") == [(cid,)]
+    deadline = time.monotonic() + 60
+    while (health := served.http.get(f"{store_down.url}/healthz").json())["store"]["status"] != "ok":
+        assert time.monotonic() < deadline, health
+        time.sleep(0.5)
+    assert health["store"] == {"status": "ok", "queued": 0}
 
     unknown = served.http.post("/v1/feedback", json={"completion_id": "chatcmpl-nope", "rating": 1})
     assert unknown.status_code == 404 and error_of(unknown)["param"] == "completion_id"
@@ -244,7 +393,9 @@ def test_health_says_only_ok_without_a_key(served):
     assert httpx.get(f"{served.url}/healthz", timeout=30).json() == {"status": "ok"}
     wrong = httpx.get(f"{served.url}/healthz", headers={"Authorization": "Bearer sk-wrong"}, timeout=30)
     assert wrong.json() == {"status": "ok"}
-    assert served.http.get("/healthz").json() == {"status": "ok", "variants": ["alpha", "beta", "long"]}
+    health = served.http.get("/healthz").json()
+    assert health["status"] == "ok" and health["variants"] == ["alpha", "beta", "long"]
+    assert health["store"]["status"] == "ok"  # the feedback store's state, for callers with a key only
 
 
 def test_api_docs_need_a_key(served):
@@ -495,8 +646,8 @@ def test_toxic_prompt_is_refused_and_counted(served, client):
     completion = client.chat.completions.create(model="alpha", messages=messages)
     choice = completion.choices[0]
     assert choice.finish_reason == "content_filter" and "can't help" in choice.message.content
-    stored = rows(served.db, "SELECT guard, guard_score, answer FROM completions WHERE id = ?", completion.id)
-    assert stored[0][0] == "blocked" and stored[0][1] >= 0.8
+    row = stored(served.db, "SELECT guard, guard_score, answer FROM completions WHERE id = ?", completion.id)
+    assert row[0][0] == "blocked" and row[0][1] >= 0.8
     chunks = list(client.chat.completions.create(model="alpha", messages=messages, stream=True))
     assert chunks[-1].choices[0].finish_reason == "content_filter"
 

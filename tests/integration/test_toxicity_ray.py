@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 from chatforge.config import ToxicitySpec
-from chatforge.data.schema import BASE_SCHEMA, STAGE_SECONDS_COLUMN, records_to_table
+from chatforge.data.batches import records_to_table
+from chatforge.data.schema import BASE_SCHEMA, STAGE_SECONDS_COLUMN
 from chatforge.data.toxicity import TOXICITY_COLUMNS, ToxicityStep, pool_size
 from chatforge.runtime import cluster_cpus
 from helpers.tiny_detoxify import build_tiny_detoxify

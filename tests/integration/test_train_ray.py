@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from chatforge.config import load_spec
 from chatforge.train.trainer import run_training
 from helpers.train_data import TINY_TRAINING, write_curated
+from helpers.train_faults import KillWorkerAt
 
 pytestmark = pytest.mark.integration
 
@@ -19,11 +20,11 @@ def data_dir(tmp_path_factory):
     return write_curated(tmp_path_factory.mktemp("curated"))
 
 
-def train(tmp_path, data_dir, *overrides, fault_at_step=None, out="out"):
+def train(tmp_path, data_dir, *overrides, kill_at_step=None, out="out"):
     spec = load_spec(
         None, [*TINY_TRAINING, f"train.data=[{{path: '{data_dir}'}}]", f"train.output={tmp_path / out}", *overrides]
     )
-    result = run_training(spec, fault_at_step=fault_at_step)
+    result = run_training(spec, step_callbacks=[KillWorkerAt(kill_at_step)] if kill_at_step else [])
     rows = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
     return result, rows
 
@@ -103,7 +104,7 @@ def test_other_zero_stages_and_offload(ray_local, tmp_path, data_dir, stage, off
 
 def test_resume_after_worker_dies_matches_an_uninterrupted_run(ray_local, tmp_path, data_dir):
     settings = ("train.max_steps=12", "train.checkpoint_every=4", "train.eval_every=12")
-    result, rows = train(tmp_path, data_dir, *settings, fault_at_step=7, out="resumed")
+    result, rows = train(tmp_path, data_dir, *settings, kill_at_step=7, out="resumed")
     resumed = [r for r in rows if r.get("event") == "resumed"]
     assert [r["step"] for r in resumed] == [4]  # restarted from the step-4 checkpoint, not from zero
     logged = [r["step"] for r in rows if "loss" in r]
@@ -160,7 +161,7 @@ def test_lora_exports_adapter_and_merged_model(ray_local, tmp_path, data_dir):
         "train.lr=0.01",
         "train.checkpoint_every=4",
         "train.gradient_checkpointing=true",
-        fault_at_step=6,
+        kill_at_step=6,
     )
     # checkpoints leave the frozen base weights out, and a resume still restores the adapters
     assert [r["step"] for r in rows if r.get("event") == "resumed"] == [4]
@@ -248,7 +249,7 @@ def test_a_run_resumed_past_its_best_eval_still_exports_the_best_weights(ray_loc
         *BEST_AT_STEP_2,
         "train.checkpoint_every=4",
         "train.early_stopping_patience=3",
-        fault_at_step=5,  # after the step-4 checkpoint, which holds the step-2 weights beside its own
+        kill_at_step=5,  # after the step-4 checkpoint, which holds the step-2 weights beside its own
     )
     assert [r["step"] for r in rows if r.get("event") == "resumed"] == [4]
     final = result.summary["final_metrics"]

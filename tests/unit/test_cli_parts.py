@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import typer
 
-from chatforge.cli import _inputs_as_sources
+from chatforge.cli.curate import _inputs_as_sources
 
 
 @pytest.mark.parametrize(

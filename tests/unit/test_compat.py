@@ -83,3 +83,17 @@ def test_outside_the_checked_versions_an_entry_falls_back_with_a_warning(monkeyp
         assert "checked against ray<1" in caplog.text
     finally:
         compat.checked.cache_clear()
+
+
+def test_parquet_reads_back_a_fixed_size_list_column_with_nulls(tmp_path):
+    """Dedup stages MinHash signatures so (null for dropped rows); pyarrow 25 fails to read them back, hence
+    pyproject's pyarrow>=26 and mlflow-skinny (mlflow itself pins pyarrow<26)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = pa.array(np.arange(12, dtype=np.uint32))
+    column = pa.FixedSizeListArray.from_arrays(values, 4, mask=pa.array([False, True, False]))
+    pq.write_table(pa.table({"signature": column}), tmp_path / "staged.parquet")
+    back = pq.read_table(tmp_path / "staged.parquet")["signature"]
+    assert back.null_count == 1 and back.to_pylist()[2] == [8, 9, 10, 11]

@@ -69,6 +69,27 @@ def test_move_into_place_replaces_the_outputs_and_keeps_other_files(tmp_path):
     assert sorted(os.listdir(output)) == ["data", "dropped", "manifest.json", "notes.txt"]
 
 
+def test_a_move_that_fails_part_way_puts_the_previous_output_back(tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    write_output(output, "old")
+    staging = tmp_path / ".out.staging-1"
+    write_output(staging, "new")
+    real_move, calls = pipeline.shutil.move, []
+
+    def failing_move(src, dst):
+        calls.append(src)
+        if len(calls) == 5:  # the three old entries are out, "dropped" is in: "data" fails (a full disk, say)
+            raise OSError(28, "No space left on device")
+        return real_move(src, dst)
+
+    monkeypatch.setattr(pipeline.shutil, "move", failing_move)
+    with pytest.raises(OSError, match="No space left"):
+        move_into_place(str(staging), str(output))
+    monkeypatch.setattr(pipeline.shutil, "move", real_move)
+    assert runs_in(output) == {"old"}
+    assert sorted(os.listdir(output)) == ["data", "dropped", "manifest.json"]
+
+
 @pytest.fixture
 def spec(tmp_path):
     source = tmp_path / "in.jsonl"

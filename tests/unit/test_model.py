@@ -19,6 +19,7 @@ from chatforge.train.model import (
     enable_gradient_checkpointing,
     load_tokenizer,
     resolve_dtype,
+    stop_token_ids,
     train_tokenizer,
 )
 from helpers.corpus import conversation
@@ -206,6 +207,17 @@ def test_resolve_dtype():
     assert resolve_dtype("float32") == torch.float32
     assert resolve_dtype("bfloat16") == torch.bfloat16
     assert resolve_dtype("auto") == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    # the device a model runs on decides auto (the serving engine's choice); an explicit dtype stays
+    assert (
+        resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    )
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+def test_stop_token_ids_merge_config_values_in_order_each_once():
+    assert stop_token_ids(None, None) == []
+    assert stop_token_ids(2, 2, None) == [2]
+    assert stop_token_ids([7, 2], 2, 9) == [7, 2, 9]  # a model's own stops first, then the tokenizer's
 
 
 # ---------------------------------------------------------------- LoRA

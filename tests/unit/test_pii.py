@@ -11,6 +11,7 @@ import pytest
 
 from chatforge.config import PII_TYPES, PiiSpec
 from chatforge.data import pii
+from chatforge.data.batches import records_to_table
 from chatforge.data.pii import (
     LABELS,
     NER_TYPES,
@@ -26,7 +27,7 @@ from chatforge.data.pii import (
     scrub_text,
     ssn_valid,
 )
-from chatforge.data.schema import BASE_SCHEMA, records_to_table, with_columns
+from chatforge.data.schema import BASE_SCHEMA, with_columns
 
 ZEROS = dict.fromkeys(PII_TYPES, 0)
 

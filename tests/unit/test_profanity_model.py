@@ -1,21 +1,17 @@
-"""alt-profanity-check's model read without scikit-learn: the same scores, a refusing unpickler, a fallback."""
+"""The profanity model shipped as plain arrays: the package's scores, read without unpickling or scikit-learn."""
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import subprocess
 import sys
 import warnings
 
-import joblib
 import numpy as np
 import pytest
 
-from chatforge.data import profanity_model, toxicity
-from chatforge.data.profanity_model import UnsupportedModel, load_linear_model
 from chatforge.data.sources import chitchat_corpus_path
+from chatforge.safety.profanity_model import load_profanity_model, save_profanity_model
 
 EDGE_CASES = [
     "",
@@ -44,84 +40,69 @@ def chitchat_texts(limit: int) -> list[str]:
     return texts[:limit]
 
 
-def package_predict_prob():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from profanity_check import predict_prob
-    return predict_prob
-
-
 def test_scores_what_the_package_scores():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a scikit-learn newer than the one that pickled the package's model
+        from profanity_check import predict_prob
+
+    model = load_profanity_model()
     texts = chitchat_texts(5000) + EDGE_CASES
-    ours = load_linear_model().predict_prob(texts)
-    theirs = package_predict_prob()(texts)
+    ours = model.predict_prob(texts)
     assert ours.shape == (len(texts),)
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        ours,
+        predict_prob(texts),
+        rtol=0,
+        atol=1e-12,
+        err_msg=f"the shipped model ({model.source}) no longer matches the installed alt-profanity-check: "
+        "rebuild it with benchmarks/profanity_model.py",
+    )
     assert (ours > 0.5).sum() > 0 and (ours < 0.5).sum() > 0  # the corpus has both kinds
-    assert load_linear_model().predict_prob([]).shape == (0,)
+    assert model.predict_prob([]).shape == (0,)
+    assert model.source.startswith("alt-profanity-check ") and "MIT License" in model.license
 
 
-def test_loading_does_not_import_scikit_learn():
+def test_loading_imports_neither_scikit_learn_nor_joblib():
     code = (
-        "import sys; from chatforge.data.profanity_model import load_linear_model; "
-        "p = load_linear_model().predict_prob(['you are a fucking idiot', 'thank you']); "
-        "print(round(float(p[0]), 3), round(float(p[1]), 3), 'sklearn' in sys.modules, 'scipy' in sys.modules)"
+        "import sys; from chatforge.safety.profanity_model import load_profanity_model; "
+        "p = load_profanity_model().predict_prob(['you are a fucking idiot', 'thank you']); "
+        "print(round(float(p[0]), 3), round(float(p[1]), 3), *(m in sys.modules for m in ('sklearn', 'scipy', 'joblib')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    rude, polite, sklearn_loaded, scipy_loaded = out
+    rude, polite, *loaded = out
     assert float(rude) > 0.5 > float(polite)
-    assert sklearn_loaded == "False" and scipy_loaded == "False"
+    assert loaded == ["False", "False", "False"]
 
 
-def fit_model(tmp_path, **vectorizer_options):
-    """A TF-IDF + sigmoid-calibrated LinearSVC fitted here and saved as the package saves its own."""
-    from sklearn.calibration import CalibratedClassifierCV
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.svm import LinearSVC
-
-    texts = chitchat_texts(400)
-    labels = np.array([int("you" in text.lower()) for text in texts])  # any learnable split will do
-    vectorizer = TfidfVectorizer(stop_words="english", **vectorizer_options)
-    model = CalibratedClassifierCV(LinearSVC(), method="sigmoid", cv=3).fit(vectorizer.fit_transform(texts), labels)
-    joblib.dump(vectorizer, tmp_path / "vectorizer.joblib")
-    joblib.dump(model, tmp_path / "model.joblib")
-    return texts, vectorizer, model
+def test_a_file_holding_objects_is_refused(tmp_path):
+    model = load_profanity_model()
+    good = tmp_path / "model.npz"
+    save_profanity_model(model, good)
+    arrays = dict(np.load(good))
+    arrays["source"] = np.array([{"would be": "unpickled"}], dtype=object)
+    tampered = tmp_path / "tampered.npz"
+    np.savez(tampered, **arrays)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_profanity_model(tampered)
 
 
-def test_any_model_of_the_supported_kind_scores_as_scikit_learn(tmp_path):
-    texts, vectorizer, model = fit_model(tmp_path)
-    texts = texts + EDGE_CASES
-    expected = model.predict_proba(vectorizer.transform(texts))[:, 1]
-    np.testing.assert_allclose(load_linear_model(str(tmp_path)).predict_prob(texts), expected, rtol=0, atol=1e-12)
+def test_saving_and_loading_keep_every_array_and_the_bytes_are_reproducible(tmp_path):
+    model = load_profanity_model()
+    save_profanity_model(model, tmp_path / "a.npz")
+    save_profanity_model(load_profanity_model(tmp_path / "a.npz"), tmp_path / "b.npz")
+    again = load_profanity_model(tmp_path / "b.npz")
+    assert again.vocabulary == model.vocabulary and again.token_pattern.pattern == model.token_pattern.pattern
+    for name in ("idf", "coef", "intercept", "sigmoid_a", "sigmoid_b"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(model, name))
+    assert (again.source, again.license) == (model.source, model.license)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
 
 
-def test_a_model_of_another_kind_is_unsupported(tmp_path):
-    fit_model(tmp_path, ngram_range=(1, 2))
-    with pytest.raises(UnsupportedModel, match="ngram_range"):
-        load_linear_model(str(tmp_path))
-
-
-class RunsACommand:
-    def __reduce__(self):
-        return (os.system, ("touch pwned",))
-
-
-def test_the_unpickler_refuses_anything_but_estimators_and_arrays(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    joblib.dump(RunsACommand(), tmp_path / "vectorizer.joblib")
-    joblib.dump({"weights": np.arange(3)}, tmp_path / "model.joblib")
-    with pytest.raises(Exception, match="refusing posix.system"):
-        load_linear_model(str(tmp_path))
-    assert not (tmp_path / "pwned").exists()
-
-
-def test_the_scorer_uses_the_package_when_the_model_is_of_another_kind(monkeypatch, caplog):
-    def unsupported(data_dir=None):
-        raise UnsupportedModel("vectorizer TfidfVectorizer with {'ngram_range': (1, 2)}")
-
-    monkeypatch.setattr(profanity_model, "load_linear_model", unsupported)
-    with caplog.at_level(logging.WARNING, logger=toxicity.__name__):
-        scorer = toxicity.ProfanityScorer()
-    assert "read through scikit-learn" in caplog.text and "ngram_range" in caplog.text
-    insult, polite = scorer.score(["you are a fucking idiot", "thank you, have a nice day"])
-    assert insult["toxicity"] > 0.5 > polite["toxicity"]
+def test_a_file_of_another_shape_names_itself(tmp_path):
+    save_profanity_model(load_profanity_model(), tmp_path / "model.npz")
+    arrays = dict(np.load(tmp_path / "model.npz"))
+    arrays["coef"] = arrays["coef"][:, :10]
+    broken = tmp_path / "broken.npz"
+    np.savez(broken, **arrays)
+    with pytest.raises(ValueError, match="broken.npz: inconsistent shapes"):
+        load_profanity_model(broken)

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatforge.config import ReadSpec
+from chatforge.data.batches import records_to_table
 from chatforge.data.formats import parse_raw_records
-from chatforge.data.schema import records_to_table
 from chatforge.data.sources import BOM, RECORD_SCHEMA, iter_json_elements, iter_jsonl_range
 
 READ = ReadSpec(max_record_bytes=1024, raw_keep_bytes=256)

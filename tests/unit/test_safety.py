@@ -7,8 +7,8 @@ from collections import Counter, defaultdict
 import pytest
 
 from chatforge.config import GuardSpec, ToxicitySpec
-from chatforge.data.toxicity import ProfanityScorer, Scorer, build_scorer
 from chatforge.safety.evalset import ABUSIVE_CATEGORIES, BENIGN_CATEGORIES, CATEGORIES, template_set
+from chatforge.safety.scorers import ProfanityScorer, Scorer, build_scorer
 from chatforge.safety.targeted import TargetedScorer, is_threat, normalized, sentences
 
 EXAMPLES = template_set()

@@ -10,11 +10,11 @@ from collections import Counter
 import pytest
 
 from chatforge.config import FiltersSpec, NormalizeSpec, ReadSpec, SourceSpec
+from chatforge.data.batches import RecordBatchFn
 from chatforge.data.filters import FiltersStep
 from chatforge.data.formats import parse_raw_records
 from chatforge.data.normalize import NormalizeStep
 from chatforge.data.pipeline import block_stats, merge_stats
-from chatforge.data.schema import RecordBatchFn
 from chatforge.data.sources import RECORD_SCHEMA, ConversationFiles
 from helpers.sharegpt_dump import sharegpt_dump, write_sharegpt_dump
 

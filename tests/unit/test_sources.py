@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from chatforge.config import ReadSpec, SourceSpec
+from chatforge.data.batches import RecordBatchFn, records_to_table
 from chatforge.data.formats import check_parquet_records, parquet_rows, parse_raw_records
-from chatforge.data.schema import RecordBatchFn, records_to_table
 from chatforge.data.sources import (
     BOM,
     MIN_RANGE_BYTES,

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from chatforge import runtime
 from chatforge.config import AugmentSpec, FiltersSpec, NormalizeSpec, SplitSpec
-from chatforge.data import schema
 from chatforge.data.augment import augment_records, turn_slices
 from chatforge.data.filters import (
     filter_reason,
@@ -13,7 +13,7 @@ from chatforge.data.filters import (
     role_order_problem,
     trim_leading_assistant,
 )
-from chatforge.data.normalize import normalize_text
+from chatforge.data.normalize import clean_text
 from chatforge.data.split import assign_split, split_records
 
 
@@ -27,9 +27,9 @@ def record(messages, rid="s:1", source="s", drop=None):
 
 def test_normalize_repairs_mojibake_controls_and_whitespace():
     spec = NormalizeSpec()
-    assert normalize_text("caf\u00c3\u00a9", spec) == "caf\u00e9"
-    assert normalize_text("a\x00b\u200bc\x1b", spec) == "abc"
-    assert normalize_text("  a \t  b \r\n\r\n\r\n\n c  ", spec) == "a b\n\nc"
+    assert clean_text("caf\u00c3\u00a9", spec) == "caf\u00e9"
+    assert clean_text("a\x00b\u200bc\x1b", spec) == "abc"
+    assert clean_text("  a \t  b \r\n\r\n\r\n\n c  ", spec) == "a b\n\nc"
 
 
 def test_role_order():
@@ -188,9 +188,10 @@ def test_split_is_stable_follows_ratios_and_parents():
 def test_consecutive_record_steps_run_as_one_udf_with_the_same_result():
     import pyarrow as pa
 
+    from chatforge.data.batches import apply_steps
     from chatforge.data.filters import FiltersStep
     from chatforge.data.normalize import NormalizeStep
-    from chatforge.data.schema import STAGE_SECONDS_COLUMN, apply_steps
+    from chatforge.data.schema import STAGE_SECONDS_COLUMN
     from chatforge.data.sources import RECORD_SCHEMA
     from chatforge.data.split import SplitStep
 
@@ -229,7 +230,7 @@ def test_consecutive_record_steps_run_as_one_udf_with_the_same_result():
 
 
 def test_freed_heap_goes_back_to_the_os_after_a_batch():
-    if schema._malloc_trim() is None:
+    if runtime._malloc_trim() is None:
         pytest.skip("not glibc: malloc_trim does not exist here")
 
     def rss_mb() -> float:
@@ -241,6 +242,6 @@ def test_freed_heap_goes_back_to_the_os_after_a_batch():
     held = [bytes(64 * 1024 - 64) + bytes([i % 256]) * 32 for i in range(2048)]
     del held[::2]
     before = rss_mb()
-    schema.release_freed_heap()
+    runtime.release_freed_heap()
     assert before - rss_mb() > 32
     assert len(held) == 1024

@@ -20,7 +20,6 @@ from chatforge.train.tokenize import (
     make_rows,
     model_inputs,
     pack,
-    packed_attention_mask,
     packing_efficiency,
     pad_rows,
     tokenize_conversation,
@@ -226,22 +225,6 @@ def test_make_rows_and_collate():
 # ---------------------------------------------------------------- attention across packed samples
 
 
-def test_packed_attention_mask_is_block_diagonal_causal():
-    sequence_ids = torch.tensor([[0, 0, 1, 1, 1, -1]])
-    mask = packed_attention_mask(sequence_ids)
-    assert mask.shape == (1, 1, 6, 6) and mask.dtype == torch.float32
-    allowed = (mask[0, 0] == 0).int().tolist()
-    assert allowed == [
-        [1, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0],
-        [0, 0, 1, 0, 0, 0],
-        [0, 0, 1, 1, 0, 0],
-        [0, 0, 1, 1, 1, 0],
-        [0, 0, 0, 0, 0, 1],  # padding sees only itself
-    ]
-    assert packed_attention_mask(sequence_ids, dtype=torch.bfloat16).dtype == torch.bfloat16
-
-
 @pytest.fixture(scope="module")
 def tiny_gpt2(tokenizer):
     torch.manual_seed(0)
@@ -287,9 +270,8 @@ def test_packed_loss_equals_unpacked_loss(tiny_gpt2, tokenizer, conversations, a
         single = collate(list(pad_rows([sample], len(sample), tokenizer.pad_token_id)))
         alone += per_sample_losses(model, {"input_ids": single["input_ids"]}, single)
 
-    for explicit_mask in (False, True):
-        packed = per_sample_losses(model, model_inputs(batch, explicit_mask=explicit_mask), batch)
-        assert packed == pytest.approx(alone, abs=1e-5)
+    packed = per_sample_losses(model, model_inputs(batch), batch)
+    assert packed == pytest.approx(alone, abs=1e-5)
 
     # the same row with a plain causal mask (positions still restarting) lets samples see each other
     leaky = {

@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from chatforge.config import ToxicitySpec
-from chatforge.data.toxicity import (
-    TOXICITY_COLUMNS,
-    DetoxifyScorer,
-    ProfanityScorer,
-    Scorer,
-    build_scorer,
-    score_records,
-)
+from chatforge.data.toxicity import TOXICITY_COLUMNS, score_records
+from chatforge.safety.scorers import DetoxifyScorer, ProfanityScorer, Scorer, build_scorer
 from helpers.tiny_detoxify import build_tiny_detoxify
 
 INSULT = "you are a fucking idiot, shut up"
@@ -227,7 +221,8 @@ def test_detoxify_unknown_checkpoint_names_the_choices(tmp_path):
 
 def test_score_table_loads_the_scorer_once_per_process_and_scores_in_batches(monkeypatch):
     from chatforge.data import toxicity
-    from chatforge.data.schema import BASE_SCHEMA, records_to_table
+    from chatforge.data.batches import records_to_table
+    from chatforge.data.schema import BASE_SCHEMA
 
     scorer = FixedScorer(SCORES)
     builds = []

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from chatforge.train.loop import NonFiniteLossError, _stop_if_not_finite, improved, non_finite_message
+from chatforge.train.loop import NonFiniteLossError, improved, non_finite_message, stop_if_not_finite
 
 NAN, INF = math.nan, math.inf
 
@@ -56,7 +56,7 @@ def _rank(rank: int, world: int, init_file: str, results) -> None:
     try:
         for i, (losses, norms) in enumerate(SCENARIOS):
             try:
-                _stop_if_not_finite(3, losses[rank], norms[rank], world, torch.device("cpu"))
+                stop_if_not_finite(3, losses[rank], norms[rank], world, torch.device("cpu"))
                 results[i * world + rank] = "ok"
             except NonFiniteLossError as err:
                 results[i * world + rank] = str(err)

@@ -6,9 +6,11 @@ import pyarrow as pa
 import pytest
 
 from chatforge.config import DeepSpeedSpec, TrainLoopSpec, load_spec
+from chatforge.data.augment import with_tag
+from chatforge.train.data import PackRows, TokenizeSamples, TrainDataError, resolve_data_dir
 from chatforge.train.deepspeed import deepspeed_config, lr_multiplier, zero_memory_per_worker
 from chatforge.train.loop import model_flops_per_token
-from chatforge.train.trainer import PackRows, TokenizeSamples, TrainDataError, export_dirs, resolve_data_dir, with_tag
+from chatforge.train.trainer import export_dirs
 
 
 def test_lr_schedules():
@@ -69,6 +71,25 @@ def test_with_tag():
     assert with_tag(msgs, "law")[0] == {"role": "system", "content": "[law]"}
     sys_msgs = [{"role": "system", "content": "Be brief."}, *msgs]
     assert with_tag(sys_msgs, "law")[0]["content"] == "[law] Be brief."
+    assert with_tag([{"role": "system", "content": ""}, *msgs], "law")[0]["content"] == "[law]"
+    assert with_tag(sys_msgs, "law", "<{tag}>")[0]["content"] == "<law> Be brief."
+
+
+def test_training_and_curation_render_a_tag_alike():
+    from chatforge.config import AugmentSpec
+    from chatforge.data.augment import condition
+    from chatforge.train.model import train_tokenizer
+
+    convo = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "hello friend"},
+    ]
+    curated = condition(convo, "court", AugmentSpec(tags={"court": "law"}))
+    tokenizer = train_tokenizer(["hello there friend", "Be brief."] * 30, 300)
+    trained = TokenizeSamples(tokenizer, 128, tag="law", domain=0)(pa.table({"messages": pa.array([convo])}))
+    rendered = tokenizer.apply_chat_template(curated, tokenize=True, return_dict=False)
+    assert trained.column("input_ids").to_pylist() == [list(rendered)]
 
 
 def test_resolve_data_dir(tmp_path):
@@ -119,6 +140,26 @@ def test_a_failed_export_keeps_the_previous_model(tmp_path, monkeypatch):
     assert sorted(os.listdir(output)) == ["adapter", "model"]  # no staged copy left behind
 
 
+def test_a_rename_that_fails_part_way_puts_the_previous_exports_back(tmp_path, monkeypatch):
+    output, checkpoint = tmp_path / "out", tmp_path / "ckpt"
+    make_export(output, {"model/model.safetensors": "old", "adapter/a.safetensors": "old"})
+    make_export(checkpoint, {"model/model.safetensors": "new", "adapter/a.safetensors": "new"})
+    rename, calls = os.rename, []
+
+    def failing_rename(source, target):
+        calls.append(source)
+        if len(calls) == 4:  # model swapped, old adapter out: the new adapter's rename fails
+            raise OSError(5, "Input/output error")
+        rename(source, target)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError, match="Input/output error"):
+        export_dirs(str(checkpoint), str(output), ("model", "adapter"))
+    assert (output / "model" / "model.safetensors").read_text() == "old"
+    assert (output / "adapter" / "a.safetensors").read_text() == "old"
+    assert sorted(os.listdir(output)) == ["adapter", "model"]
+
+
 def test_tokenize_and_pack_batches():
     from chatforge.train.model import train_tokenizer
 
@@ -141,7 +182,7 @@ def test_tokenize_and_pack_batches():
 
 
 def test_data_option_is_read_from_the_right():
-    from chatforge.cli import _split_data_option
+    from chatforge.cli.train import _split_data_option
 
     assert _split_data_option("runs/a/data") == ("runs/a/data", 1.0, None)
     assert _split_data_option("runs/a/data:2.5") == ("runs/a/data", 2.5, None)

@@ -14,26 +14,35 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from chatforge.config import AugmentSpec
-from chatforge.data.schema import Record, RecordBatchFn, RecordStep, is_kept
+from chatforge.data.batches import RecordBatchFn, RecordStep
+from chatforge.data.schema import Record, is_kept
 
 AUGMENT_COLUMNS = {"augmented": pa.bool_(), "parent_id": pa.string()}
+
+
+# The curation's default; training renders a dataset's tag (``train.data[].tag``) with it too.
+DEFAULT_TAG_TEMPLATE = AugmentSpec.model_fields["tag_template"].default
+
+
+def with_tag(
+    messages: list[dict[str, str]], tag: str | None, template: str = DEFAULT_TAG_TEMPLATE
+) -> list[dict[str, str]]:
+    """``tag``, rendered by ``template``, at the head of the conversation's system prompt, which it becomes when
+    there is none. The one place a tag is rendered: curation's ``augment.tags`` and training's dataset tags."""
+    if tag is None:
+        return messages
+    head = template.format(tag=tag)
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{head} {messages[0]['content']}".strip()}, *messages[1:]]
+    return [{"role": "system", "content": head}, *messages]
 
 
 def condition(messages: list[dict[str, str]], source: str, spec: AugmentSpec) -> list[dict[str, str]]:
     """Add the source's system prompt (unless the conversation has its own) and put its tag at the head of it."""
     prompt = spec.system_prompts.get(source, spec.default_system_prompt)
-    tag = spec.tags.get(source)
-    has_system = bool(messages) and messages[0]["role"] == "system"
-    if prompt is not None and not has_system:
+    if prompt is not None and not (messages and messages[0]["role"] == "system"):
         messages = [{"role": "system", "content": prompt}, *messages]
-        has_system = True
-    if tag is not None:
-        head = spec.tag_template.format(tag=tag)
-        if has_system:
-            messages = [{"role": "system", "content": f"{head} {messages[0]['content']}".strip()}, *messages[1:]]
-        else:
-            messages = [{"role": "system", "content": head}, *messages]
-    return messages
+    return with_tag(messages, spec.tags.get(source), spec.tag_template)
 
 
 def turn_slices(messages: list[dict[str, str]]) -> list[list[dict[str, str]]]:

@@ -1,29 +1,57 @@
-"""Deduplication: exact copies by a hash of the normalized text, near copies by MinHash LSH + connected components.
+"""Deduplication: keeps one row of each group of exact or near copies and marks the others as duplicates.
 
-Only kept rows take part; nothing is removed. A duplicate gets ``drop_reason`` "duplicate:exact" or
-"duplicate:near" (first reason wins) and ``dup_of`` = the id of the row its group keeps, the smallest id.
+Only kept rows (``drop_reason`` null) take part, and nothing is removed: a duplicate gets ``drop_reason``
+"duplicate:exact" or "duplicate:near" (an earlier reason stays) and ``dup_of``, the id of the row its group keeps,
+which is the group's smallest id.
 
-Dedup needs every row before it can mark any, yet the rows themselves must stream. So the rows go to disk once and
-only their keys take part in the global work (hash-partitioned shuffles and per-block passes in Ray Data; no
-driver-side set of hashes or edges, no per-group Python ``map_groups``):
+Exact copies have the same normalized conversation (roles and contents NFKC-normalized, lower-cased and
+whitespace-collapsed, one turn a line) and so the same 128-bit hash of it.
 
-1. one streaming pass adds a row key, the exact hash and the MinHash signature (the hot loop, vectorised) and
-   writes the rows to a staging directory as Parquet;
-2. the key columns are read back (row, hash, signature) and hash-partitioned by hash; each block links every copy
-   to the smallest row of its hash (exact edges) and passes the representatives on;
-3. representatives explode to one row per LSH band (band key, row, a 4-bit-per-slot sketch of the signature),
-   hash-partitioned by band key (as many bands per shuffle as fit a fixed byte budget); each block verifies the pairs sharing a bucket by
-   estimated Jaccard;
-4. connected components over exact + near edges (`chatforge.data.components`) label each row with its group's
-   smallest row, so chains a~b~c end as one group and exact copies point at the row their group keeps;
-5. the marks (one small row per duplicate) are broadcast by object reference, and the staged rows stream back
-   from disk through a per-block pass that applies them: full rows are never shuffled nor held in memory.
+Near copies are found by MinHash LSH. A conversation's shingles are its runs of ``shingle_words`` words, and the
+similarity of two conversations is the Jaccard index of their shingle sets. Its MinHash signature holds, for each of
+``num_perm`` hash functions, the smallest hash of any of its shingles: two signatures agree in a slot with
+probability equal to that Jaccard index, so the fraction of equal slots estimates it. Locality-sensitive hashing cuts
+each signature into ``bands`` bands of ``num_perm / bands`` slots and hashes each band to a bucket key. Rows sharing
+a bucket in any band are candidate pairs; a candidate whose estimated Jaccard reaches ``threshold`` is a near copy
+(estimated from a 4-bit sketch of each signature, which is what the shuffled band rows carry: `sketch_jaccard`).
+The copies, exact and near, are the edges of a graph whose connected components are the groups. So a chain in which
+a is near b and b near c, but a not near c, is still one group.
 
-When every shuffle of steps 2-4 would be one partition (key rows of up to ~30k conversations; `ShufflePlan`), one
-Ray task runs steps 2-4 on the key columns with the same per-block functions (`marks_block`): each shuffle would
-be one block in one task anyway, and a Ray Data execution per shuffle costs ~0.1-0.2 s with the cores mostly idle.
+A worked example with ids a < b < c < d:
 
-Every function above the `DedupStep` is pure (no Ray) and unit-tested.
+    a  "How do I sort a list?" and a long answer    kept: the group's smallest id
+    b  "how do I  SORT a list?" and the same answer  duplicate:exact, dup_of a (same normalized text)
+    c  a with one word of its answer changed       duplicate:near, dup_of a (near a)
+    d  c with one more word changed                duplicate:near, dup_of a (near c, not a: a's group via c)
+
+The step works with these tables; their ``_dedup_*`` columns are temporary, all removed before the step returns:
+
+- staged rows: the full rows plus their key columns, written once to Parquet;
+- key rows: ``ROW_KEY``, ``EXACT_HASH``, ``SIGNATURE``, read back from the staged files for the global work;
+- band rows: one per key row and LSH band: ``BUCKET``, ``ROW_KEY``, ``SKETCH`` (see `signature_sketch`);
+- edges: ``src, dst``: row keys of one group, ``dst`` the smaller (the input of connected components);
+- verdicts: one per duplicate: ``ROW_KEY``, ``KEPT_ROW_KEY`` (the row its group keeps), ``IS_EXACT_COPY``.
+
+Dedup needs every row before it can mark any, yet the rows must stream. So the rows go to disk once, and only their
+key rows take part in the global work: hash-partitioned shuffles and per-block passes in Ray Data, with no
+driver-side set of hashes or edges and no per-group Python ``map_groups``.
+
+1. One streaming pass adds the key columns (`AddKeyColumns`, the vectorised hot loop) and writes the staged rows.
+2. The key rows are read back and hash-partitioned by exact hash. In each block every row gets ``EXACT_COPY_OF``, the
+   smallest row key with its hash (`with_exact_copy_of`); a row with none is the one its hash group keeps.
+3. The rows their hash group keeps become band rows (`band_rows`), hash-partitioned by bucket, as many bands per
+   shuffle as fit a fixed byte budget. Each block verifies the pairs that share a bucket (`verified_band_edges`).
+4. Connected components over exact and near edges (`chatforge.data.components`) label each row with its group's
+   smallest row key; the labels become verdicts.
+5. The verdicts, one small row per duplicate, are broadcast by object reference, and the staged rows stream back
+   from disk through a per-block pass that applies them (`ApplyVerdicts`): full rows are never shuffled nor held in
+   memory.
+
+When every shuffle of steps 2-4 would be one partition (`ShufflePlan.fits_one_task`), one Ray task runs them on the
+key rows with the same per-block functions (`verdicts_in_one_table`): each shuffle would be one block in one task
+anyway, and a Ray Data execution per shuffle costs more than the work (docs/curation.md).
+
+Every function above `DedupStep` is pure (no Ray) and unit-tested.
 """
 
 from __future__ import annotations
@@ -65,25 +93,36 @@ DUP_OF = "dup_of"
 EXACT_REASON = "duplicate:exact"
 NEAR_REASON = "duplicate:near"
 
-# Temporary columns, all removed before the step returns. A row key is "<id>\0<meta hash>\0<batch>.<n>": unique even
-# when two rows share an id (ids fall back to a content hash, so identical records from one source do), and its
-# string order is the id order, so "smallest row key" means "smallest id".
-ROW, HASH, SIG, REP, BAND = "_dedup_row", "_dedup_hash", "_dedup_sig", "_dedup_rep", "_dedup_band"
-SKETCH, LABEL, EXACT = "_dedup_sketch", "_dedup_label", "_dedup_exact"
+# Key columns, added to every row by the staging pass.
+# A row key is "<id>\0<meta hash>\0<batch>.<n>": unique even when two rows share an id (ids fall back to a content
+# hash, so identical records from one source do), and its string order is the id order, so "smallest row key" means
+# "smallest id".
+ROW_KEY = "_dedup_row_key"
+# Hash of the normalized conversation; null for a row that takes no part (dropped already, or without messages).
+EXACT_HASH = "_dedup_exact_hash"
+# MinHash signature (only when near dedup runs). A row without an exact hash gets zeros, not null: Parquet readers
+# before pyarrow 26 cannot read a null fixed-size list back (apache/arrow#35692). Every reader skips such rows first.
+SIGNATURE = "_dedup_signature"
+# Key rows after the exact pass: the smallest row key with the same exact hash, null for that row itself.
+EXACT_COPY_OF = "_dedup_exact_copy_of"
+# Band rows: the LSH bucket key of one band of a signature, and the signature's sketch.
+BUCKET, SKETCH = "_dedup_bucket", "_dedup_sketch"
+# Verdicts (with ROW_KEY): the row key of the row the duplicate's group keeps, and whether it is an exact copy.
+KEPT_ROW_KEY, IS_EXACT_COPY = "_dedup_kept_row_key", "_dedup_is_exact_copy"
+
 _KEY_SEPARATOR = "\x00"
 _EDGE_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string())])
-# A mark: row ROW is a duplicate; of LABEL (a row key) when known, and EXACT when it is an exact copy.
-_MARK_SCHEMA = pa.schema([(ROW, pa.string()), (LABEL, pa.string()), (EXACT, pa.bool_())])
+_VERDICT_SCHEMA = pa.schema([(ROW_KEY, pa.string()), (KEPT_ROW_KEY, pa.string()), (IS_EXACT_COPY, pa.bool_())])
 
 _MAX_HASH = np.uint32(0xFFFFFFFF)
 _SHINGLE_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: shingle hash = polynomial in word hashes
 _BAND_MULTIPLIER = np.uint64(0x100000001B3)  # FNV-1a's prime, to mix the values of a band into one key
 _SHINGLES_PER_CHUNK = 1 << 16  # bounds the (num_perm x shingles) matrix of one chunk to num_perm * 256 KiB
-# The band rows (one per row per LSH band) are the largest thing dedup moves; bands go through the shuffle in groups
-# of about this many bytes, each group's edges materialized before the next (see DedupStep._marks). One partition's
-# worth: a group then needs no keyed shuffle until a single band outgrows a partition. Larger groups put several
-# partitions' worth of bands through one keyed shuffle, whose map task and worker pool then make most of a large
-# run's peak memory (docs/benchmarks.md).
+# The band rows are the largest thing dedup moves; bands go through the shuffle in groups of about this many bytes,
+# each group's edges materialized before the next (see DedupStep._verdicts_by_shuffles). One partition's worth: a
+# group then needs no keyed shuffle until a single band outgrows a partition. Larger groups put several partitions'
+# worth of bands through one keyed shuffle, whose map task and worker pool then make most of a large run's peak
+# memory (docs/benchmarks.md).
 BAND_SHUFFLE_BYTES = PARTITION_BYTES
 # Rows per staged file. The final pass reads one file per task and runs every step after dedup on it, so this bounds
 # that task's memory whatever the size of the read range the rows came from.
@@ -103,7 +142,7 @@ def normalized_conversation(messages: Sequence[dict[str, str]]) -> str:
     return "\n".join(f"{normalize_text(m['role'])}: {normalize_text(m['content'])}" for m in messages)
 
 
-def _digest(text: str) -> str:
+def _short_hash(text: str) -> str:
     return xxhash.xxh64_hexdigest(text.encode("utf-8"))
 
 
@@ -116,7 +155,7 @@ def exact_key(messages: Sequence[dict[str, str]]) -> str:
     return text_hash(normalized_conversation(messages))
 
 
-# ---------------------------------------------------------------- MinHash signatures and LSH bands
+# ---------------------------------------------------------------- MinHash signatures, LSH buckets and sketches
 
 
 def shingle_hashes(texts: Sequence[str], shingle_words: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,8 +196,8 @@ def shingle_hashes(texts: Sequence[str], shingle_words: int) -> tuple[np.ndarray
 def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """datasketch's "affine32" permutations (h -> a*h + b mod 2^32, a odd), so signatures match its MinHash.
 
-    Imported here, not at the top: datasketch's package imports its LSH classes and with them scipy (0.35 s), which
-    every worker that unpickles a dedup function would pay, though only the signature pass needs this."""
+    Imported here, not at the top: datasketch's package imports its LSH classes and with them scipy, which every
+    worker that unpickles a dedup function would pay, though only the signature pass needs this."""
     from datasketch import MinHash
 
     a, b = MinHash(num_perm=num_perm, seed=seed).permutations
@@ -178,9 +217,8 @@ def minhash_signatures(texts: Sequence[str], num_perm: int, shingle_words: int, 
     """``(len(texts), num_perm)`` uint32 MinHash signatures of the texts' word shingles.
 
     Equal to datasketch's ``MinHash(num_perm, seed)`` fed the same shingle hashes, but computed for the whole
-    batch at once with numpy: about twice as fast as datasketch's ``MinHash.bulk`` on the same hashes
-    (docs/benchmarks.md). A text without words gets the all-max signature; callers keep such texts out of the near
-    stage.
+    batch at once with numpy, faster than datasketch's ``MinHash.bulk`` on the same hashes (docs/benchmarks.md).
+    A text without words gets the all-max signature; callers keep such texts out of the near stage.
     """
     hashes, offsets = shingle_hashes(texts, shingle_words)
     a, b = _permutations(num_perm, seed)
@@ -203,9 +241,9 @@ def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.mean(a == b, axis=-1)
 
 
-def sketch(signatures: np.ndarray) -> np.ndarray:
-    """The low 4 bits of every slot, two slots a byte: an eighth of the signature's bytes, which is what the LSH
-    band rows (one per band per row) carry for verification. See `sketch_jaccard`."""
+def signature_sketch(signatures: np.ndarray) -> np.ndarray:
+    """The low 4 bits of every slot, two slots a byte: an eighth of the signature's bytes, which is what the band
+    rows (one per band per row) carry for verification. See `sketch_jaccard`."""
     nibbles = (signatures & np.uint32(0xF)).astype(np.uint8)
     if nibbles.shape[-1] % 2:
         nibbles = np.concatenate([nibbles, np.zeros(nibbles.shape[:-1] + (1,), np.uint8)], axis=-1)
@@ -222,16 +260,17 @@ def sketch_jaccard(a: np.ndarray, b: np.ndarray, num_perm: int) -> np.ndarray:
     return np.maximum((agree - 1 / 16) / (1 - 1 / 16), 0.0)
 
 
-def band_keys(signatures: np.ndarray, bands: int, first: int = 0, last: int | None = None) -> np.ndarray:
-    """``(n, last - first)`` int64 bucket keys of bands ``first:last`` (all by default): a hash of the band's index
-    and its ``num_perm / bands`` values. Only those bands' slots are read.
+def bucket_keys(signatures: np.ndarray, bands: int, first: int = 0, last: int | None = None) -> np.ndarray:
+    """``(n, last - first)`` int64 LSH bucket keys of bands ``first:last`` (all by default): a hash of the band's
+    index and its ``num_perm / bands`` slots. Only those bands' slots are read.
 
-    Two texts share a bucket in some band with probability 1 - (1 - J^rows)^bands for Jaccard J.
+    Two texts share a bucket in some band with probability 1 - (1 - J^slots_per_band)^bands for Jaccard J.
     """
     n, num_perm = signatures.shape
     last = bands if last is None else min(last, bands)
-    rows = num_perm // bands
-    banded = signatures[:, first * rows : last * rows].reshape(n, last - first, rows).astype(np.uint64)
+    slots_per_band = num_perm // bands
+    banded = signatures[:, first * slots_per_band : last * slots_per_band]
+    banded = banded.reshape(n, last - first, slots_per_band).astype(np.uint64)
     indices = np.arange(first + 1, last + 1, dtype=np.uint64)
     keys = np.broadcast_to(indices * _SHINGLE_MULTIPLIER, (n, last - first))
     for value in np.moveaxis(banded, 2, 0):
@@ -239,28 +278,28 @@ def band_keys(signatures: np.ndarray, bands: int, first: int = 0, last: int | No
     return (keys ^ (keys >> np.uint64(29))).view(np.int64)
 
 
-# ---------------------------------------------------------------- per-block logic after a hash partition
+# ---------------------------------------------------------------- pairs within one block: exact copies, near edges
 
 
-def smallest_per_key(keys: Sequence[str] | pa.Array, rows: Sequence[str] | pa.Array) -> pa.Array:
+def smallest_row_sharing_key(keys: Sequence[str] | pa.Array, rows: Sequence[str] | pa.Array) -> pa.Array:
     """For each row, the smallest row with the same key, or null when it is that row (the one to keep)."""
     table = pa.table({"key": keys, "row": rows})
     smallest = table.group_by("key").aggregate([("row", "min")])
-    representative = smallest["row_min"].take(pc.index_in(table["key"], value_set=smallest["key"]))
-    is_itself = pc.equal(representative, table["row"]).combine_chunks()
-    return pc.if_else(is_itself, pa.scalar(None, pa.string()), representative.combine_chunks())
+    kept = smallest["row_min"].take(pc.index_in(table["key"], value_set=smallest["key"]))
+    is_itself = pc.equal(kept, table["row"]).combine_chunks()
+    return pc.if_else(is_itself, pa.scalar(None, pa.string()), kept.combine_chunks())
 
 
-def row_nodes(rows: Sequence[str] | pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+def distinct_row_keys(row_keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """The distinct row keys in sorted order, each row's index into them, and each distinct key's first row.
 
     Arrow's dictionary encoding, not Python strings: a band shuffle's partition holds ~0.5M band rows, whose keys
-    as Python objects would take ~120 MB of a task's memory beside the 63 MB of Arrow they come from."""
-    if isinstance(rows, pa.ChunkedArray):
-        rows = rows.combine_chunks()
-    elif not isinstance(rows, pa.Array):
-        rows = pa.array(rows, pa.string())
-    encoded = pc.dictionary_encode(rows)
+    as Python objects would take twice the memory of the Arrow column they come from."""
+    if isinstance(row_keys, pa.ChunkedArray):
+        row_keys = row_keys.combine_chunks()
+    elif not isinstance(row_keys, pa.Array):
+        row_keys = pa.array(row_keys, pa.string())
+    encoded = pc.dictionary_encode(row_keys)
     order = pc.array_sort_indices(encoded.dictionary).to_numpy()
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
@@ -270,13 +309,13 @@ def row_nodes(rows: Sequence[str] | pa.Array | pa.ChunkedArray) -> tuple[pa.Arra
 
 
 def verified_edges(
-    keys: np.ndarray,
-    rows: Sequence[str] | pa.Array | pa.ChunkedArray,
+    buckets: np.ndarray,
+    row_keys: Sequence[str] | pa.Array | pa.ChunkedArray,
     signatures: np.ndarray | pa.Array | pa.ChunkedArray,
     threshold: float,
     similarity=estimated_jaccard,
 ) -> pa.Table:
-    """Near-duplicate edges ``src, dst`` among one block of band rows (``keys[i]`` is row i's bucket in one band).
+    """Near-copy edges ``src, dst`` among one block of band rows (``buckets[i]`` is row i's bucket in one band).
 
     Rows sharing a bucket are candidate pairs, kept when their estimated Jaccard reaches ``threshold``. Kept
     pairs are merged within this block (union-find over the block only) and each row is linked to the smallest row
@@ -284,18 +323,18 @@ def verified_edges(
     ``signatures`` may be a fixed-size list column: only each distinct row's first one is then made a matrix (a row
     repeats in every band of the block, with the same sketch).
     """
-    names, node_of, first = row_nodes(rows)
+    names, node_of, first = distinct_row_keys(row_keys)
     if isinstance(signatures, np.ndarray):
         node_signatures = signatures[first]
     else:
         node_signatures = _signature_matrix(signatures.take(pa.array(first)))
-    order = np.argsort(keys, kind="stable")
-    sorted_keys, sorted_nodes = keys[order], node_of[order]
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    sizes = np.diff(np.r_[starts, len(keys)])
+    order = np.argsort(buckets, kind="stable")
+    sorted_buckets, sorted_nodes = buckets[order], node_of[order]
+    starts = np.flatnonzero(np.r_[True, sorted_buckets[1:] != sorted_buckets[:-1]])
+    sizes = np.diff(np.r_[starts, len(buckets)])
     # Pair every row with each later row of its bucket, one offset at a time: vectorised, and the loop runs only
     # as many times as the largest bucket is long.
-    later_in_bucket = np.repeat(starts + sizes, sizes) - np.arange(len(keys)) - 1
+    later_in_bucket = np.repeat(starts + sizes, sizes) - np.arange(len(buckets)) - 1
     position, offset, pairs = np.flatnonzero(later_in_bucket > 0), 1, []
     while position.size:
         pairs.append(np.stack([sorted_nodes[position], sorted_nodes[position + offset]], axis=1))
@@ -332,11 +371,11 @@ def verified_edges(
 # ---------------------------------------------------------------- Arrow batch functions the step maps
 
 
-def _signature_array(signatures: np.ndarray, present: np.ndarray) -> pa.FixedSizeListArray:
-    """Signatures (one row per True in ``present``) as a fixed-size list column with nulls elsewhere."""
+def _signature_column(signatures: np.ndarray, present: np.ndarray) -> pa.FixedSizeListArray:
+    """Signatures (one row per True in ``present``) as a fixed-size list column, zeros elsewhere (see SIGNATURE)."""
     full = np.zeros((len(present), signatures.shape[1]), dtype=np.uint32)
     full[present] = signatures
-    return pa.FixedSizeListArray.from_arrays(pa.array(full.ravel()), signatures.shape[1], mask=pa.array(~present))
+    return pa.FixedSizeListArray.from_arrays(pa.array(full.ravel()), signatures.shape[1])
 
 
 def _signature_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -361,9 +400,14 @@ def _charge_seconds(table: pa.Table, seconds: float) -> pa.Table:
     return table.append_column(STAGE_SECONDS_COLUMN, merged)
 
 
+def key_columns(spec: DedupSpec) -> list[str]:
+    """The key rows' columns: the signature only when near dedup runs."""
+    return [ROW_KEY, EXACT_HASH, SIGNATURE] if spec.near else [ROW_KEY, EXACT_HASH]
+
+
 @dataclass(frozen=True)
-class KeyRows:
-    """Adds the row key, and for kept rows the exact hash and (if ``near``) the MinHash signature."""
+class AddKeyColumns:
+    """Adds ``ROW_KEY`` to every row, and for kept rows ``EXACT_HASH`` and (if ``near``) ``SIGNATURE``."""
 
     spec: DedupSpec
 
@@ -371,9 +415,9 @@ class KeyRows:
         started = time.perf_counter()
         ids = [i or "" for i in table["id"].to_pylist()]
         metas = table["meta"].to_pylist() if "meta" in table.column_names else [None] * len(ids)
-        batch = _digest("\n".join(ids))  # tells apart rows whose id and meta are both equal
+        batch = _short_hash("\n".join(ids))  # tells apart rows whose id and meta are both equal
         row_keys = [
-            _KEY_SEPARATOR.join((i, _digest(m or ""), f"{batch}.{n}"))
+            _KEY_SEPARATOR.join((i, _short_hash(m or ""), f"{batch}.{n}"))
             for n, (i, m) in enumerate(zip(ids, metas, strict=True))
         ]
         kept = pc.is_null(table["drop_reason"]).to_pylist()
@@ -381,134 +425,145 @@ class KeyRows:
             normalized_conversation(messages) if is_kept and messages else None
             for is_kept, messages in zip(kept, table["messages"].to_pylist(), strict=True)
         ]
-        present = np.array([text is not None for text in texts], dtype=bool)
-        table = table.append_column(ROW, pa.array(row_keys, pa.string()))
+        table = table.append_column(ROW_KEY, pa.array(row_keys, pa.string()))
         hashes = [text_hash(t) if t is not None else None for t in texts]
-        table = table.append_column(HASH, pa.array(hashes, pa.string()))
+        table = table.append_column(EXACT_HASH, pa.array(hashes, pa.string()))
         if self.spec.near:
+            present = np.array([text is not None for text in texts], dtype=bool)
             signatures = minhash_signatures(
                 [t for t in texts if t is not None], self.spec.num_perm, self.spec.shingle_words
             )
-            table = table.append_column(SIG, _signature_array(signatures, present))
-        else:
-            table = table.append_column(SIG, pa.nulls(table.num_rows, pa.list_(pa.uint32(), self.spec.num_perm)))
+            table = table.append_column(SIGNATURE, _signature_column(signatures, present))
         return _charge_seconds(table, time.perf_counter() - started)
 
 
-def exact_block(table: pa.Table) -> pa.Table:
-    """Key rows of one hash partition: ``REP`` = the smallest row with the same exact hash (null for that row)."""
-    return pa.table({ROW: table[ROW], REP: smallest_per_key(table[HASH], table[ROW]), SIG: table[SIG]})
+def with_exact_copy_of(key_rows: pa.Table, find_copies: bool = True) -> pa.Table:
+    """Key rows (of one hash partition of ``EXACT_HASH``) with ``EXACT_COPY_OF``: the smallest row key with the
+    same exact hash, null for that row. Without ``find_copies`` (exact dedup off) it is null for every row."""
+    if find_copies:
+        copy_of = smallest_row_sharing_key(key_rows[EXACT_HASH], key_rows[ROW_KEY])
+    else:
+        copy_of = pa.nulls(key_rows.num_rows, pa.string())
+    return key_rows.drop_columns([EXACT_HASH]).append_column(EXACT_COPY_OF, copy_of)
 
 
-def no_exact_block(table: pa.Table) -> pa.Table:
-    """Key rows when exact dedup is off: every row is its own representative."""
-    return pa.table({ROW: table[ROW], REP: pa.nulls(table.num_rows, pa.string()), SIG: table[SIG]})
-
-
-def band_rows(table: pa.Table, bands: int, first: int = 0, last: int | None = None) -> pa.Table:
-    """One row per (representative, band in ``first:last``): ``BAND`` key, row key, and the signature's sketch."""
-    signatures = _signature_matrix(table[SIG])
-    keys = band_keys(signatures, bands, first, last)
-    repeated = np.repeat(sketch(signatures), keys.shape[1], axis=0)
+def band_rows(key_rows: pa.Table, bands: int, first: int = 0, last: int | None = None) -> pa.Table:
+    """One row per (key row, band in ``first:last``): the band's ``BUCKET``, ``ROW_KEY``, and the ``SKETCH``."""
+    signatures = _signature_matrix(key_rows[SIGNATURE])
+    buckets = bucket_keys(signatures, bands, first, last)
+    repeated = np.repeat(signature_sketch(signatures), buckets.shape[1], axis=0)
     return pa.table(
         {
-            BAND: pa.array(keys.ravel(), pa.int64()),
-            ROW: table[ROW].take(np.repeat(np.arange(table.num_rows), keys.shape[1])),
+            BUCKET: pa.array(buckets.ravel(), pa.int64()),
+            ROW_KEY: key_rows[ROW_KEY].take(np.repeat(np.arange(key_rows.num_rows), buckets.shape[1])),
             SKETCH: pa.FixedSizeListArray.from_arrays(pa.array(repeated.ravel()), repeated.shape[1]),
         }
     )
 
 
-def near_block(table: pa.Table, threshold: float, num_perm: int) -> pa.Table:
-    """Band rows of one hash partition -> verified edges ``src, dst``."""
-    if not table.num_rows:
+def verified_band_edges(partition: pa.Table, threshold: float, num_perm: int) -> pa.Table:
+    """The band rows of one hash partition of ``BUCKET`` -> their verified near-copy edges ``src, dst``."""
+    if not partition.num_rows:
         return _EDGE_SCHEMA.empty_table()
     similarity = functools.partial(sketch_jaccard, num_perm=num_perm)
-    return verified_edges(table[BAND].to_numpy(), table[ROW], table[SKETCH], threshold, similarity)
+    return verified_edges(partition[BUCKET].to_numpy(), partition[ROW_KEY], partition[SKETCH], threshold, similarity)
 
 
-def exact_marks(edges: pa.Table, with_label: bool) -> pa.Table:
-    """Exact copies as marks; their label comes from connected components unless ``with_label``."""
-    label = edges["dst"] if with_label else pa.nulls(edges.num_rows, pa.string())
-    return _marks(edges["src"], label, exact=True)
+def exact_copy_edges(key_rows: pa.Table) -> pa.Table:
+    """Key rows with ``EXACT_COPY_OF`` -> an edge ``src, dst`` from each exact copy to the row its hash keeps."""
+    copies = key_rows.filter(pc.is_valid(key_rows[EXACT_COPY_OF]))
+    return pa.table([copies[ROW_KEY], copies[EXACT_COPY_OF]], schema=_EDGE_SCHEMA)
 
 
-def near_marks(labels: pa.Table) -> pa.Table:
-    """Nodes labelled by another row's key: each is a duplicate of that row."""
+# ---------------------------------------------------------------- verdicts: one row per duplicate
+
+
+def exact_copy_verdicts(exact_edges: pa.Table, kept_row_from_edges: bool) -> pa.Table:
+    """Exact-copy edges as verdicts. With ``kept_row_from_edges`` (exact dedup alone) each edge's ``dst`` is the
+    row kept; otherwise ``KEPT_ROW_KEY`` is null and `group_verdicts` supplies it."""
+    kept = exact_edges["dst"] if kept_row_from_edges else pa.nulls(exact_edges.num_rows, pa.string())
+    return _verdict_table(exact_edges["src"], kept, is_exact_copy=True)
+
+
+def group_verdicts(labels: pa.Table) -> pa.Table:
+    """Connected-components labels (``node, label``) -> a verdict for every node labelled with another row's key:
+    it is a duplicate of that row, its group's smallest. Exact copies are among them, flagged by their own verdict."""
     labels = labels.filter(pc.not_equal(labels["node"], labels["label"]))
-    return _marks(labels["node"], labels["label"], exact=False)
+    return _verdict_table(labels["node"], labels["label"], is_exact_copy=False)
 
 
-def _marks(rows: pa.ChunkedArray, labels: pa.ChunkedArray | pa.Array, exact: bool) -> pa.Table:
-    return pa.table([rows, labels, pa.array([exact] * len(rows), pa.bool_())], schema=_MARK_SCHEMA)
+def _verdict_table(
+    row_keys: pa.ChunkedArray, kept_row_keys: pa.ChunkedArray | pa.Array, is_exact_copy: bool
+) -> pa.Table:
+    flags = pa.array([is_exact_copy] * len(row_keys), pa.bool_())
+    return pa.table([row_keys, kept_row_keys, flags], schema=_VERDICT_SCHEMA)
 
 
-def merge_marks(parts: Sequence[pa.Table]) -> pa.Table:
-    """One row per marked row: its label (an exact copy has two marks when near dedup runs: the EXACT flag, and
-    its group's label from components) and whether it is an exact copy."""
-    parts = [part.select(_MARK_SCHEMA.names).cast(_MARK_SCHEMA) for part in parts if part.num_rows]
-    marks = pa.concat_tables(parts) if parts else _MARK_SCHEMA.empty_table()
-    merged = marks.group_by(ROW).aggregate([(LABEL, "max"), (EXACT, "any")])
-    return merged.rename_columns([ROW, LABEL, EXACT])
+def merged_verdicts(parts: Sequence[pa.Table]) -> pa.Table:
+    """One verdict per duplicate: an exact copy has two when near dedup runs (the exact-copy flag, and its group's
+    kept row), which merge into one."""
+    parts = [part.select(_VERDICT_SCHEMA.names).cast(_VERDICT_SCHEMA) for part in parts if part.num_rows]
+    verdicts = pa.concat_tables(parts) if parts else _VERDICT_SCHEMA.empty_table()
+    merged = verdicts.group_by(ROW_KEY).aggregate([(KEPT_ROW_KEY, "max"), (IS_EXACT_COPY, "any")])
+    return merged.rename_columns([ROW_KEY, KEPT_ROW_KEY, IS_EXACT_COPY])
 
 
-def apply_marks(rows: pa.Table, marks: pa.Table) -> pa.Table:
-    """Staged rows + the merged marks -> the rows, duplicates marked, ``dup_of`` set, temp columns gone."""
+def rows_with_verdicts(rows: pa.Table, verdicts: pa.Table) -> pa.Table:
+    """Staged rows with the merged verdicts applied: ``drop_reason`` and ``dup_of`` set, the key columns gone."""
     started = time.perf_counter()
-    where = pc.index_in(rows[ROW], value_set=marks[ROW])
-    label = marks[LABEL].take(where)
-    reason = pc.if_else(pc.fill_null(marks[EXACT].take(where), False), EXACT_REASON, NEAR_REASON)
-    reason = pc.if_else(pc.is_valid(label), reason, pa.scalar(None, pa.string()))
-    dup_of = pc.list_element(pc.split_pattern(label, _KEY_SEPARATOR, max_splits=1), 0)
+    where = pc.index_in(rows[ROW_KEY], value_set=verdicts[ROW_KEY])
+    kept_row_key = verdicts[KEPT_ROW_KEY].take(where)
+    reason = pc.if_else(pc.fill_null(verdicts[IS_EXACT_COPY].take(where), False), EXACT_REASON, NEAR_REASON)
+    reason = pc.if_else(pc.is_valid(kept_row_key), reason, pa.scalar(None, pa.string()))
+    dup_of = pc.list_element(pc.split_pattern(kept_row_key, _KEY_SEPARATOR, max_splits=1), 0)
     rows = rows.set_column(
         rows.schema.get_field_index("drop_reason"), "drop_reason", pc.coalesce(rows["drop_reason"], reason)
     )
-    rows = rows.drop_columns([c for c in (ROW, HASH, SIG, DUP_OF) if c in rows.column_names])
+    rows = rows.drop_columns([c for c in (ROW_KEY, EXACT_HASH, SIGNATURE, DUP_OF) if c in rows.column_names])
     rows = rows.append_column(DUP_OF, dup_of.cast(pa.string()))
     return _charge_seconds(rows, time.perf_counter() - started)
 
 
-_merged_marks: dict[tuple[str, ...], pa.Table] = {}  # per worker process: merge each run's marks once
+_merged_verdicts_cache: dict[tuple[str, ...], pa.Table] = {}  # per worker process: merge each run's verdicts once
 
 
-class ApplyMarks:
-    """`apply_marks` as a Ray Data batch function, given the marks' blocks as object references (a broadcast:
-    marks are one small row per duplicate; each worker process fetches and merges them once)."""
+class ApplyVerdicts:
+    """`rows_with_verdicts` as a Ray Data batch function, given the verdicts' blocks as object references (a
+    broadcast: verdicts are one small row per duplicate; each worker process fetches and merges them once)."""
 
-    def __init__(self, mark_blocks: list[ray.ObjectRef]) -> None:
-        self.mark_blocks = mark_blocks
+    def __init__(self, verdict_refs: list[ray.ObjectRef]) -> None:
+        self.verdict_refs = verdict_refs
 
     def __call__(self, rows: pa.Table) -> pa.Table:
-        key = tuple(ref.hex() for ref in self.mark_blocks)
-        marks = _merged_marks.get(key)
-        if marks is None:
-            _merged_marks.clear()
-            marks = _merged_marks[key] = merge_marks(ray.get(self.mark_blocks))
-        return apply_marks(rows, marks)
+        key = tuple(ref.hex() for ref in self.verdict_refs)
+        verdicts = _merged_verdicts_cache.get(key)
+        if verdicts is None:
+            _merged_verdicts_cache.clear()
+            verdicts = _merged_verdicts_cache[key] = merged_verdicts(ray.get(self.verdict_refs))
+        return rows_with_verdicts(rows, verdicts)
 
 
-def marks_block(keys: pa.Table, spec: DedupSpec) -> tuple[pa.Table, int, bool]:
-    """Key rows (row, hash, signature) held whole in one table -> the marks `DedupStep._marks` makes of them, in this
+def verdicts_in_one_table(key_rows: pa.Table, spec: DedupSpec) -> tuple[pa.Table, int, bool]:
+    """Key rows held whole in one table -> the verdicts `DedupStep._verdicts_by_shuffles` makes of them, in this
     process: the same per-block functions without the shuffles (each would be one partition) and connected
     components by `block_components`. Also returns the rounds components took and whether they settled."""
-    keys = keys.filter(pc.is_valid(keys[HASH]))
-    keys = exact_block(keys) if spec.exact else no_exact_block(keys)
-    copies = keys.filter(pc.is_valid(keys[REP]))
-    exact_edges = pa.table([copies[ROW], copies[REP]], schema=_EDGE_SCHEMA)
+    key_rows = with_exact_copy_of(key_rows.filter(pc.is_valid(key_rows[EXACT_HASH])), find_copies=spec.exact)
+    exact_edges = exact_copy_edges(key_rows)
     if not spec.near:
-        return exact_marks(exact_edges, with_label=True), 0, True
-    representatives = keys.filter(pc.and_(pc.is_null(keys[REP]), pc.is_valid(keys[SIG])))
-    near_edges = near_block(band_rows(representatives, spec.bands), spec.threshold, spec.num_perm)
+        return exact_copy_verdicts(exact_edges, kept_row_from_edges=True), 0, True
+    kept_by_hash = key_rows.filter(pc.is_null(key_rows[EXACT_COPY_OF]))
+    near_edges = verified_band_edges(band_rows(kept_by_hash, spec.bands), spec.threshold, spec.num_perm)
     labels, rounds, converged = block_components(pa.concat_tables([exact_edges, near_edges]), spec.max_iterations)
-    return pa.concat_tables([near_marks(labels), exact_marks(exact_edges, with_label=False)]), rounds, converged
+    verdicts = [group_verdicts(labels), exact_copy_verdicts(exact_edges, kept_row_from_edges=False)]
+    return pa.concat_tables(verdicts), rounds, converged
 
 
 @ray.remote(num_returns=3)
-def _marks_task(paths: list[str], spec: DedupSpec) -> tuple[pa.Table, int, bool]:
-    return marks_block(read_staged_files(pa.table({"path": paths}), [ROW, HASH, SIG]), spec)
+def _verdicts_task(paths: list[str], spec: DedupSpec) -> tuple[pa.Table, int, bool]:
+    return verdicts_in_one_table(read_staged_files(pa.table({"path": paths}), key_columns(spec)), spec)
 
 
-def no_duplicates(table: pa.Table) -> pa.Table:
+def with_null_dup_of(table: pa.Table) -> pa.Table:
     return table.append_column(DUP_OF, pa.nulls(table.num_rows, pa.string()))
 
 
@@ -554,13 +609,13 @@ def bands_per_shuffle(bands: int, band_bytes: int, budget: int = BAND_SHUFFLE_BY
 
 @dataclass(frozen=True)
 class ShufflePlan:
-    """How `DedupStep._marks` shuffles the key rows: hash partitions for the exact shuffle, LSH bands per band
-    shuffle and hash partitions for each band shuffle.
+    """How `DedupStep._verdicts_by_shuffles` shuffles the key rows: hash partitions for the exact shuffle, LSH bands
+    per band shuffle and hash partitions for each band shuffle.
 
     ``rows`` and ``column_bytes`` (of the key columns, staged) size them: one hash partition per `PARTITION_BYTES`
-    unless ``dedup.num_partitions`` is set, and as many bands per shuffle as fit `BAND_SHUFFLE_BYTES`. A
-    30k-conversation corpus then shuffles in one partition, not one per CPU: each partition is a reduce task (and,
-    the first time, a worker start) however little it holds."""
+    unless ``dedup.num_partitions`` is set, and as many bands per shuffle as fit `BAND_SHUFFLE_BYTES`. A small
+    corpus then shuffles in one partition, not one per CPU: each partition is a reduce task (and, the first time, a
+    worker start) however little it holds."""
 
     exact_partitions: int
     bands_per_shuffle: int
@@ -569,7 +624,7 @@ class ShufflePlan:
     @classmethod
     def of(cls, spec: DedupSpec, rows: int, column_bytes: dict[str, int]) -> ShufflePlan:
         # A band row: the row key, an 8-byte bucket key and a half-byte per signature slot (plus Arrow's offsets).
-        band_bytes = column_bytes[ROW] + rows * (8 + 4 + 4 + spec.num_perm // 2)
+        band_bytes = column_bytes[ROW_KEY] + rows * (8 + 4 + 4 + spec.num_perm // 2)
         group = bands_per_shuffle(spec.bands, band_bytes)
         return cls(
             exact_partitions=partitions_for(sum(column_bytes.values()), spec.num_partitions),
@@ -577,7 +632,7 @@ class ShufflePlan:
             band_partitions=partitions_for(group * band_bytes, spec.num_partitions),
         )
 
-    def in_one_block(self, spec: DedupSpec) -> bool:
+    def fits_one_task(self, spec: DedupSpec) -> bool:
         """Every shuffle would be one partition and every band in one shuffle: the key rows fit one task."""
         near_whole = not spec.near or (self.bands_per_shuffle >= spec.bands and self.band_partitions == 1)
         return self.exact_partitions == 1 and near_whole
@@ -597,57 +652,62 @@ class DedupStep:
     def __call__(self, ds: Dataset) -> Dataset:
         spec = self.spec
         if not (spec.exact or spec.near):
-            return ds.map_batches(no_duplicates, batch_format="pyarrow")
+            return ds.map_batches(with_null_dup_of, batch_format="pyarrow")
         staged = tempfile.mkdtemp(prefix="dedup-", dir=self.workdir)
         # The one pass over everything upstream (read, filters, pii, ...): the rows go to disk with their keys.
-        ds.map_batches(KeyRows(spec), batch_format="pyarrow").write_parquet(staged, max_rows_per_file=STAGED_FILE_ROWS)
+        ds.map_batches(AddKeyColumns(spec), batch_format="pyarrow").write_parquet(
+            staged, max_rows_per_file=STAGED_FILE_ROWS
+        )
         files = sorted(name for name in os.listdir(staged) if name.endswith(".parquet"))
         if not files:
-            return ds.map_batches(no_duplicates, batch_format="pyarrow")
-        row_columns = [name for name in pq.read_schema(os.path.join(staged, files[0])).names if name not in (HASH, SIG)]
+            return ds.map_batches(with_null_dup_of, batch_format="pyarrow")
         paths = [os.path.join(staged, name) for name in files]
-        plan = ShufflePlan.of(spec, *staged_column_bytes(paths, [ROW, HASH, SIG]))
-        if plan.in_one_block(spec):
-            # Each shuffle below would be one block and each pass one task: one task does them all, without a
-            # Ray Data execution per shuffle (~0.1-0.2 s each, with the cores mostly idle; docs/benchmarks.md).
-            marks_ref, rounds_ref, converged_ref = _marks_task.remote(paths, spec)
+        keys = key_columns(spec)
+        row_columns = [name for name in pq.read_schema(paths[0]).names if name not in (EXACT_HASH, SIGNATURE)]
+        plan = ShufflePlan.of(spec, *staged_column_bytes(paths, keys))
+        if plan.fits_one_task(spec):
+            verdicts_ref, rounds_ref, converged_ref = _verdicts_task.remote(paths, spec)
             rounds, converged = ray.get([rounds_ref, converged_ref])
             if spec.near:  # exact-only dedup runs no components
                 report_rounds(rounds, converged, spec.max_iterations, "(dedup, in one task)")
-            mark_blocks = [marks_ref]
+            verdict_refs = [verdicts_ref]
         else:
-            mark_blocks = block_refs(self._marks(read_staged(paths, [ROW, HASH, SIG]), spec, plan).materialize())
-        return read_staged(paths, row_columns).map_batches(ApplyMarks(mark_blocks), batch_format="pyarrow")
+            verdicts = self._verdicts_by_shuffles(read_staged(paths, keys), spec, plan)
+            verdict_refs = block_refs(verdicts.materialize())
+        return read_staged(paths, row_columns).map_batches(ApplyVerdicts(verdict_refs), batch_format="pyarrow")
 
     @staticmethod
-    def _marks(keys: Dataset, spec: DedupSpec, plan: ShufflePlan) -> Dataset:
-        """Key rows (row, hash, signature) -> marks (row, label, exact), one per duplicate (two for some)."""
-        keys = keys.filter(expr=col(HASH).is_not_null())
+    def _verdicts_by_shuffles(key_rows: Dataset, spec: DedupSpec, plan: ShufflePlan) -> Dataset:
+        """Key rows -> verdicts, one per duplicate (two for an exact copy when near dedup runs), through Ray Data's
+        shuffles: the distributed form of `verdicts_in_one_table`."""
+        key_rows = key_rows.filter(expr=col(EXACT_HASH).is_not_null())
         if spec.exact:
-            keys = hash_partitioned(keys, HASH, plan.exact_partitions).map_batches(
-                exact_block, batch_format="pyarrow", batch_size=None
+            key_rows = hash_partitioned(key_rows, EXACT_HASH, plan.exact_partitions).map_batches(
+                with_exact_copy_of, batch_format="pyarrow", batch_size=None
             )
         else:
-            keys = keys.map_batches(no_exact_block, batch_format="pyarrow")
-        keys = keys.materialize()  # small (row key + signature); read by both the exact and the near branch
-        exact_edges = (
-            keys.filter(expr=col(REP).is_not_null()).select_columns([ROW, REP]).rename_columns({ROW: "src", REP: "dst"})
-        )
+            key_rows = key_rows.map_batches(
+                functools.partial(with_exact_copy_of, find_copies=False), batch_format="pyarrow"
+            )
+        key_rows = key_rows.materialize()  # small (row key + signature); read by both the exact and the near branch
+        exact_edges = key_rows.map_batches(exact_copy_edges, batch_format="pyarrow")
         if not spec.near:
-            return exact_edges.map_batches(functools.partial(exact_marks, with_label=True), batch_format="pyarrow")
+            exact_verdicts = functools.partial(exact_copy_verdicts, kept_row_from_edges=True)
+            return exact_edges.map_batches(exact_verdicts, batch_format="pyarrow")
         group = plan.bands_per_shuffle
-        representatives = keys.filter(expr=col(REP).is_null() & col(SIG).is_not_null())
+        kept_by_hash = key_rows.filter(expr=col(EXACT_COPY_OF).is_null())
         near_edges = []
         for first in range(0, spec.bands, group):
-            band_fn = functools.partial(band_rows, bands=spec.bands, first=first, last=first + group)
-            verify = functools.partial(near_block, threshold=spec.threshold, num_perm=spec.num_perm)
-            bands = representatives.map_batches(band_fn, batch_format="pyarrow")
+            to_band_rows = functools.partial(band_rows, bands=spec.bands, first=first, last=first + group)
+            verify = functools.partial(verified_band_edges, threshold=spec.threshold, num_perm=spec.num_perm)
+            bands = kept_by_hash.map_batches(to_band_rows, batch_format="pyarrow")
             near_edges.append(
-                hash_partitioned(bands, BAND, plan.band_partitions)
+                hash_partitioned(bands, BUCKET, plan.band_partitions)
                 .map_batches(verify, batch_format="pyarrow", batch_size=None)
                 .materialize()
             )
         components = connected_components(exact_edges.union(*near_edges), spec.num_partitions, spec.max_iterations)
-        return components.labels.map_batches(near_marks, batch_format="pyarrow").union(
-            exact_edges.map_batches(functools.partial(exact_marks, with_label=False), batch_format="pyarrow")
+        exact_verdicts = functools.partial(exact_copy_verdicts, kept_row_from_edges=False)
+        return components.labels.map_batches(group_verdicts, batch_format="pyarrow").union(
+            exact_edges.map_batches(exact_verdicts, batch_format="pyarrow")
         )

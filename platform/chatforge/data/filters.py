@@ -20,7 +20,8 @@ from typing import NamedTuple
 import pyarrow as pa
 
 from chatforge.config import FiltersSpec
-from chatforge.data.schema import ORIGINAL_MESSAGES, Record, RecordBatchFn, RecordStep, is_kept, mark_dropped
+from chatforge.data.batches import RecordBatchFn, RecordStep
+from chatforge.data.schema import ORIGINAL_MESSAGES, Record, is_kept, mark_dropped
 
 FILTER_COLUMNS = {
     "n_turns": pa.int32(),

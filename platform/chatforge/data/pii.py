@@ -33,7 +33,8 @@ from typing import Any
 import pyarrow as pa
 
 from chatforge.config import PII_TYPES, PiiSpec, SpecError
-from chatforge.data.schema import ORIGINAL_MESSAGES, Record, RecordBatchFn, RecordStep
+from chatforge.data.batches import RecordBatchFn, RecordStep
+from chatforge.data.schema import ORIGINAL_MESSAGES, Record
 
 NER_TYPES = ("person", "location", "date_of_birth")
 

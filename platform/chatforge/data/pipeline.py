@@ -32,11 +32,12 @@ import pyarrow.parquet as pq
 import chatforge
 from chatforge.config import CurateSpec, Spec, resolved
 from chatforge.data.augment import AugmentStep
+from chatforge.data.batches import apply_steps
 from chatforge.data.dedup import DedupStep
 from chatforge.data.filters import REPAIRS, FiltersStep
 from chatforge.data.normalize import NormalizeStep
 from chatforge.data.pii import PiiStep
-from chatforge.data.schema import STAGE_SECONDS_COLUMN, apply_steps
+from chatforge.data.schema import STAGE_SECONDS_COLUMN
 from chatforge.data.sources import ReadCounts, read_source, scan_source
 from chatforge.data.split import SplitStep
 from chatforge.data.toxicity import ToxicityStep
@@ -293,15 +294,27 @@ OUTPUT_ENTRIES = ("manifest.json", "data", "dropped")  # what a run replaces in 
 
 def move_into_place(staging: str, output: str) -> None:
     """Replace OUTPUT's entries with the staged ones. The old manifest goes first and the new one comes last, so
-    OUTPUT never holds a manifest.json beside data it does not describe (training requires one)."""
+    OUTPUT never holds a manifest.json beside data it does not describe (training requires one). A move that fails
+    part way puts the previous entries back before the error propagates."""
     os.makedirs(output, exist_ok=True)
     previous = os.path.join(staging, ".previous")  # removed with the staging directory
     os.makedirs(previous)
-    for entry in OUTPUT_ENTRIES:
-        if os.path.lexists(os.path.join(output, entry)):
-            shutil.move(os.path.join(output, entry), os.path.join(previous, entry))
-    for entry in reversed(OUTPUT_ENTRIES):
-        shutil.move(os.path.join(staging, entry), os.path.join(output, entry))
+    moved_out: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for entry in OUTPUT_ENTRIES:
+            if os.path.lexists(os.path.join(output, entry)):
+                shutil.move(os.path.join(output, entry), os.path.join(previous, entry))
+                moved_out.append(entry)
+        for entry in reversed(OUTPUT_ENTRIES):
+            shutil.move(os.path.join(staging, entry), os.path.join(output, entry))
+            moved_in.append(entry)
+    except BaseException:
+        for entry in moved_in:  # the new entries out again, then the old ones back, the manifest last
+            shutil.move(os.path.join(output, entry), os.path.join(staging, entry))
+        for entry in reversed(moved_out):
+            shutil.move(os.path.join(previous, entry), os.path.join(output, entry))
+        raise
 
 
 def staging_dir(output: str, run_id: str) -> str:

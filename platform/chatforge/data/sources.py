@@ -34,15 +34,9 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 
 from chatforge.config import NormalizeSpec, ReadSpec, SourceSpec
+from chatforge.data.batches import RecordBatchFn, map_records
 from chatforge.data.formats import check_parquet_records, parquet_rows, parse_raw_records
-from chatforge.data.schema import (
-    BASE_SCHEMA,
-    STAGE_SECONDS_COLUMN,
-    STAGE_SECONDS_TYPE,
-    RecordBatchFn,
-    map_records,
-    with_columns,
-)
+from chatforge.data.schema import BASE_SCHEMA, STAGE_SECONDS_COLUMN, STAGE_SECONDS_TYPE, with_columns
 from chatforge.runtime import cluster_cpus
 
 RAW_SCHEMA = pa.schema(

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from chatforge.config import SplitSpec
-from chatforge.data.schema import Record, RecordBatchFn, RecordStep, is_kept
+from chatforge.data.batches import RecordBatchFn, RecordStep
+from chatforge.data.schema import Record, is_kept
 
 SPLIT_COLUMNS = {"split": pa.string()}
 

@@ -1,12 +1,9 @@
-"""Toxicity: score every user and assistant turn, drop toxic assistant turns, keep and flag toxic user turns.
+"""The curation step `toxicity`: score every user and assistant turn, drop toxic assistant turns, keep and flag
+toxic user turns.
 
-Three parts, read top to bottom:
-  scorers  `Scorer` is what curation, evaluation and the server's guard share: texts in, one dict of
-           label -> probability per text out, always with the label "toxicity". The offline default, "targeted"
-           (`chatforge.safety.targeted.TargetedScorer`), counts `ProfanityScorer`'s words (the model shipped inside
-           the alt-profanity-check package) where they are aimed at the addressee, and adds slurs, threats and
-           wishes of harm; `DetoxifyScorer` is production.
-  policy   `score_records`, a pure function of a batch of records (unit-tested without Ray).
+Two parts, read top to bottom:
+  policy   `score_records`, a pure function of a batch of records (unit-tested without Ray), over any `Scorer` of
+           `chatforge.safety.scorers` (the one the serving guard and evaluation use too).
   step     `ToxicityStep`: the scoring runs in Ray Data map tasks (each worker process loads the model once and
            keeps it) or on a pool of scorer actors (each loads it once); `toxicity.compute` chooses.
 
@@ -21,26 +18,19 @@ A turn is toxic when its "toxicity" score >= `threshold`. Drop reasons: "toxic_a
 
 from __future__ import annotations
 
-import io
 import json
-import logging
-import pickle
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import pyarrow as pa
 
 from chatforge.config import ToxicitySpec
-from chatforge.data.schema import Record, RecordBatchFn, is_kept, mark_dropped
+from chatforge.data.batches import RecordBatchFn
+from chatforge.data.schema import Record, is_kept, mark_dropped
 from chatforge.runtime import cluster_cpus
+from chatforge.safety.scorers import TOXICITY_LABEL, Scorer, build_scorer
 
-logger = logging.getLogger(__name__)
-
-TOXICITY_LABEL = "toxicity"
 SCORED_ROLES = ("user", "assistant")
 
 TOXICITY_COLUMNS: dict[str, pa.DataType] = {
@@ -49,148 +39,6 @@ TOXICITY_COLUMNS: dict[str, pa.DataType] = {
     "toxicity_flag": pa.bool_(),
     "toxicity_turns": pa.string(),
 }
-
-
-# ---------------------------------------------------------------- scorers
-
-
-@runtime_checkable
-class Scorer(Protocol):
-    """Texts in, one {label: probability} per text out, in order; the labels include "toxicity"."""
-
-    labels: tuple[str, ...]
-
-    def score(self, texts: list[str]) -> list[dict[str, float]]: ...
-
-
-class ProfanityScorer:
-    """alt-profanity-check's TF-IDF + calibrated linear model, shipped inside its wheel: backend "profanity", and the
-    judge of words inside the default "targeted" backend.
-
-    A bag of words: it knows profanity and insults, not who they are aimed at ("that sucks" scores like "you suck")
-    nor threats without rude words; use detoxify for production data. The model is read from the package's files
-    without scikit-learn (`profanity_model`: the same scores, without scikit-learn's import in every process that
-    scores); a package whose model is of another kind is used through its own `predict_prob`.
-    """
-
-    labels = (TOXICITY_LABEL,)
-
-    def __init__(self) -> None:
-        from chatforge.data.profanity_model import UnsupportedModel, load_linear_model
-
-        try:
-            self._predict_prob = load_linear_model().predict_prob
-        except UnsupportedModel as why:
-            logger.warning("alt-profanity-check's model is read through scikit-learn (%s)", why)
-            self._predict_prob = _package_predict_prob()
-        rude, polite = self._predict_prob(["you are a fucking idiot", "thank you, have a nice day"])
-        if not rude > 0.5 > polite:
-            raise RuntimeError(
-                "alt-profanity-check's model does not score as it should "
-                f"(insult {rude:.2f}, polite {polite:.2f}); reinstall the package (pip install alt-profanity-check)"
-            )
-
-    def score(self, texts: list[str]) -> list[dict[str, float]]:
-        if not texts:
-            return []
-        return [{TOXICITY_LABEL: float(p)} for p in self._predict_prob(texts)]
-
-
-def _package_predict_prob():
-    """alt-profanity-check's own `predict_prob` (imports scikit-learn; the package unpickles its model then)."""
-    from sklearn.exceptions import InconsistentVersionWarning
-
-    # A scikit-learn newer than the one that pickled the model warns on every worker. The warning alone proves
-    # nothing either way, so silence it; the caller checks the model's answers.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", InconsistentVersionWarning)
-        from profanity_check import predict_prob
-    return predict_prob
-
-
-class DetoxifyScorer:
-    """The production backend: `detoxify.Detoxify`, labels toxicity, severe_toxicity, obscene, threat, insult, ...
-
-    ``checkpoint`` is a local checkpoint file (offline; ``huggingface_config_path`` or the checkpoint's own
-    ``arch.args.model_type`` must then be a local dir with the HF config and tokenizer) or a published name
-    ("original", "unbiased", "multilingual", ...), which detoxify downloads from its GitHub releases.
-    """
-
-    def __init__(
-        self,
-        checkpoint: str | None = None,
-        huggingface_config_path: str | None = None,
-        device: str = "cpu",
-        batch_size: int = 32,
-    ) -> None:
-        from detoxify import Detoxify
-        from detoxify.detoxify import MODEL_URLS
-
-        checkpoint = checkpoint or "original"
-        if checkpoint in MODEL_URLS:
-            # detoxify fetches these with torch.hub and weights_only=False: trusted as detoxify's own releases.
-            self.model = Detoxify(model_type=checkpoint, device=device, huggingface_config_path=huggingface_config_path)
-        elif Path(checkpoint).is_file():
-            self.model = Detoxify(
-                checkpoint=_safe_checkpoint(checkpoint), device=device, huggingface_config_path=huggingface_config_path
-            )
-        else:
-            raise FileNotFoundError(
-                f"toxicity.checkpoint {checkpoint!r} is neither a file nor a published detoxify model "
-                f"({', '.join(MODEL_URLS)}); give a local checkpoint path or one of those names"
-            )
-        self.labels = tuple(self.model.class_names)
-        self.batch_size = batch_size
-
-    def score(self, texts: list[str]) -> list[dict[str, float]]:
-        # Forward passes over texts of similar length, so short turns are not padded to the longest of the batch.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        results: list[dict[str, float]] = [{} for _ in texts]
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            predicted = self.model.predict([texts[i] for i in chunk])
-            for label, values in predicted.items():
-                # detoxify squeezes a one-text batch to a bare float
-                values = values if isinstance(values, list) else [values]
-                for index, value in zip(chunk, values, strict=True):
-                    results[index][label] = float(value)
-        return results
-
-
-def _safe_checkpoint(path: str) -> io.BytesIO:
-    """The checkpoint's bytes, after proving they unpickle with ``weights_only=True``.
-
-    detoxify 0.5.4 calls ``torch.load(checkpoint, weights_only=False)`` with no way to change it, and an
-    unrestricted unpickle can run arbitrary code. Its format is plain data (dicts, lists, strings, tensors), so we
-    first load the bytes with the restricted unpickler, then hand detoxify the same in-memory bytes: the file cannot
-    change between the check and the load. Costs one extra transient copy of the checkpoint in memory.
-    """
-    import torch
-
-    buffer = io.BytesIO(Path(path).read_bytes())
-    try:
-        torch.load(buffer, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path}: this checkpoint holds pickled objects besides tensors and plain data, which could run code "
-            "when loaded; re-save it from a trusted environment as torch.save({'config': <plain dict>, "
-            f"'state_dict': <tensors>}}, path).\n{err}"
-        ) from None
-    except Exception as err:
-        raise ValueError(f"{path}: not a torch checkpoint detoxify can read: {err}") from err
-    buffer.seek(0)
-    return buffer
-
-
-def build_scorer(spec: ToxicitySpec) -> Scorer:
-    """The scorer a spec names, with its model loaded."""
-    if spec.backend == "detoxify":
-        return DetoxifyScorer(spec.checkpoint, spec.huggingface_config_path, spec.device)
-    if spec.backend == "targeted":
-        from chatforge.safety.targeted import TargetedScorer
-
-        return TargetedScorer(ProfanityScorer())
-    return ProfanityScorer()
 
 
 # ---------------------------------------------------------------- policy
@@ -288,7 +136,7 @@ def score_table(table: pa.Table, spec: ToxicitySpec) -> pa.Table:
 
 def uses_tasks(spec: ToxicitySpec) -> bool:
     """Whether scoring runs as map tasks: ``compute``, or for "auto" the backend. The profanity model (alone or
-    inside "targeted") is a few MB and loads in a fraction of a second: as a task it fuses with the maps around it
+    inside "targeted") is under 1 MB and loads in a fraction of a second: as a task it fuses with the maps around it
     (dedup's staged reads, augment, split, the write), which run on every CPU, and no actor process has to start
     first while the cores wait (docs/benchmarks.md). A detoxify model is a transformer, best loaded once per actor
     (and on its GPU)."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 from functools import reduce
 
-from chatforge.data.toxicity import TOXICITY_LABEL, Scorer
+from chatforge.safety.scorers import TOXICITY_LABEL, Scorer
 
 RUDE_WORD = 0.8  # a word the base scorer gives at least this on its own is rude ("fat" 0.91, "crazy" 0.52)
 UNTARGETED_WEIGHT = 0.5
@@ -293,7 +293,7 @@ class TargetedScorer:
 
     def __init__(self, base: Scorer | None = None) -> None:
         if base is None:
-            from chatforge.data.toxicity import ProfanityScorer
+            from chatforge.safety.scorers import ProfanityScorer
 
             base = ProfanityScorer()
         self.base = base

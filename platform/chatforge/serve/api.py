@@ -85,6 +85,33 @@ def unavailable() -> ApiError:
     )
 
 
+def completion_not_found(completion_id: str) -> ApiError:
+    """Also the answer for another key's completion: whether it exists is not the caller's to know."""
+    return ApiError(
+        404,
+        f"No completion with id '{completion_id}' (ids are the `id` of chat completion responses).",
+        param="completion_id",
+        code="completion_not_found",
+        type="not_found_error",
+    )
+
+
+def already_rated(completion_id: str) -> ApiError:
+    return ApiError(
+        409,
+        f"The completion '{completion_id}' has already been rated with this API key: a completion takes one rating "
+        "per key.",
+        param="completion_id",
+        code="already_rated",
+    )
+
+
+def store_unavailable(message: str) -> ApiError:
+    return ApiError(
+        503, message, code="store_unavailable", type="server_error", headers={"Retry-After": str(RETRY_AFTER_S)}
+    )
+
+
 def timed_out(seconds: float) -> ApiError:
     return ApiError(
         503,
@@ -270,7 +297,20 @@ class FeedbackRequest(_Request):
     rating: Literal[-1, 0, 1]
     correction: Text | None = Field(None, description="the answer the user would have wanted")
     comment: Text | None = None
-    user: Text | None = Field(None, max_length=256)
+    user: Text | None = Field(None, max_length=256, description="stored only as a keyed hash")
+
+    def check_lengths(self, max_correction_chars: int, max_comment_chars: int) -> None:
+        """The caps on free text (``serve.feedback.max_correction_chars`` / ``max_comment_chars``): a 400 naming
+        the field and its limit."""
+        for param, limit in (("correction", max_correction_chars), ("comment", max_comment_chars)):
+            value = getattr(self, param)
+            if value is not None and len(value) > limit:
+                raise ApiError(
+                    400,
+                    f"Invalid value for '{param}': {len(value)} characters, the limit is {limit}.",
+                    param=param,
+                    code="string_too_long",
+                )
 
 
 # ---------------------------------------------------------------- responses

@@ -5,7 +5,8 @@
 
 A request goes: API key -> size limit -> validation -> variant (by name, else weighted and sticky per ``user`` or
 API key) -> input guard -> the variant's replica (tokenize, check the window, ``@serve.batch`` into the engine) ->
-output guard -> feedback store -> response naming the variant (``model`` and ``x-chatforge-variant``).
+output guard -> the feedback store's write queue -> response naming the variant (``model`` and
+``x-chatforge-variant``).
 The variant deployment is ``chatforge.serve.replica.ModelReplica``. Every completion has a deadline
 (``request_timeout_s``) and each variant a bounded queue, so overload and stalls are 503s with OpenAI bodies; a
 client that leaves cancels its generation.
@@ -14,8 +15,11 @@ client that leaves cancels its generation.
 # No `from __future__ import annotations`: FastAPI must see the endpoint parameters' real types (Request)
 # through Serve's ingress wrapper.
 import asyncio
+import hashlib
 import json
 import logging
+import os
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,21 +34,32 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from chatforge.config import ServeSpec, SpecError, VariantSpec, describe_errors, load_spec
+from chatforge.config import (
+    FeedbackSpec,
+    ServeSpec,
+    SpecError,
+    VariantSpec,
+    describe_errors,
+    load_spec,
+    sqlite_replicas_error,
+)
 from chatforge.serve.api import (
     RETRY_AFTER_S,
     SSE_DONE,
     ApiError,
     ChatCompletionRequest,
     FeedbackRequest,
+    already_rated,
     chunk_body,
     completion_body,
+    completion_not_found,
     install_error_handlers,
     models_body,
     overloaded,
     parse_body,
     read_body,
     sse,
+    store_unavailable,
     timed_out,
     unauthorized,
     unavailable,
@@ -58,6 +73,8 @@ log = logging.getLogger("chatforge.serve")
 INGRESS_NAME = "chatforge-ingress"
 ROUTED_MODEL_NAMES = frozenset({"auto", "chatforge"})  # `model` values that leave the choice to the router
 VARIANT_HEADER = "x-chatforge-variant"
+# What a stopping ingress replica waits for its queued store writes: inside Serve's graceful_shutdown_timeout_s (20).
+STORE_DRAIN_TIMEOUT_S = 15.0
 T = TypeVar("T")
 
 
@@ -117,11 +134,19 @@ def _guard_outcome(*verdicts) -> tuple[str, float | None]:
 @serve.deployment
 @serve.ingress(fastapi_app)
 class ChatIngress:
-    def __init__(self, spec: ServeSpec, models: dict[str, DeploymentHandle], key_digests: list[str]) -> None:
-        """``key_digests``: the API keys' SHA-256 hex digests, read where ``build_app`` ran (see auth.py)."""
+    def __init__(
+        self,
+        spec: ServeSpec,
+        models: dict[str, DeploymentHandle],
+        key_digests: list[str],
+        user_hash_key: str | None = None,
+    ) -> None:
+        """``key_digests``: the API keys' SHA-256 hex digests, read where ``build_app`` ran (see auth.py);
+        ``user_hash_key``: hex of the key the store hashes ``user`` with, the same for every replica (None: one
+        of this replica's own)."""
         from chatforge.serve.auth import ApiKeys, check_access
         from chatforge.serve.compat import serve_http_host
-        from chatforge.serve.feedback import FeedbackStore
+        from chatforge.serve.feedback import FeedbackStore, StoreWriter
         from chatforge.serve.guard import Guard
         from chatforge.serve.metrics import ServeMetrics
         from chatforge.serve.router import Router
@@ -134,10 +159,31 @@ class ChatIngress:
         self.variants = {v.name: v for v in spec.variants}
         self.router = Router(spec.variants)
         self.guard = Guard(spec.guard)
-        self.store = FeedbackStore.from_spec(spec.feedback)
         self.metrics = ServeMetrics() if spec.metrics else _NoMetrics()
-        self._background: set[asyncio.Task] = set()
+        # The URL as this replica sees it (url_env is read here): checked again, whatever the builder checked.
+        error = sqlite_replicas_error(spec.feedback.resolved_url(), spec.ingress_replicas, spec.feedback.url_env)
+        if error:
+            raise ValueError(error)
+        # Nothing connects here: a database that is down at start delays writes, not the API (see StoreWriter).
+        self.store = FeedbackStore.from_spec(
+            spec.feedback, user_hash_key=bytes.fromhex(user_hash_key) if user_hash_key else None
+        )
+        self.writer = StoreWriter(
+            self.store,
+            self.metrics,
+            queue_size=spec.feedback.queue_size,
+            retry_window_s=spec.feedback.retry_window_s,
+            peers=spec.ingress_replicas > 1,
+        )
+        self.writer.start()
         self.created = int(time.time())
+
+    async def __del__(self) -> None:
+        """Serve calls this when it stops the replica: the queued writes go to the store first, if it answers."""
+        writer = getattr(self, "writer", None)  # absent when __init__ failed
+        if writer is not None:
+            await writer.close(STORE_DRAIN_TIMEOUT_S)
+            self.store.dispose()
 
     # ------------------------------------------------------------ helpers
 
@@ -195,28 +241,20 @@ class ChatIngress:
             top_logprobs=body.top_logprobs or 0,
         )
 
-    def _store(self, **record: Any) -> asyncio.Task:
-        """Write a completion to the store off the event loop; a store outage is logged, never a failed answer."""
+    def _store(self, **record: Any) -> None:
+        """Queue a completion for the store. Never waits, so it runs even in a cancelled stream's cleanup."""
         from chatforge.serve.feedback import CompletionRecord
 
-        async def write() -> None:
-            try:
-                await asyncio.to_thread(self.store.record_completion, CompletionRecord(**record))
-            except Exception:
-                log.exception("could not store completion %s", record["id"])
-
-        task = asyncio.get_running_loop().create_task(write())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+        self.writer.add_completion(CompletionRecord(**record))
 
     # ------------------------------------------------------------ endpoints
 
     @fastapi_app.get("/healthz")
     async def healthz(self, request: Request) -> dict:
-        """ "ok" to anyone (load balancers and probes have no key); the variants only to a caller with a key."""
+        """ "ok" to anyone (load balancers and probes have no key: a store outage must not take the API out of
+        rotation); the variants and the feedback store's state only to a caller with a key."""
         if self.keys.enabled and self.keys.verify(request.headers.get("authorization")) is not None:
-            return {"status": "ok", "variants": self.router.names}
+            return {"status": "ok", "variants": self.router.names, "store": self.writer.health()}
         return {"status": "ok"}
 
     @fastapi_app.get("/openapi.json", include_in_schema=False)
@@ -241,22 +279,23 @@ class ChatIngress:
 
     @fastapi_app.post("/v1/feedback")
     async def feedback(self, request: Request) -> JSONResponse:
-        from chatforge.serve.feedback import UnknownCompletion
+        """One rating per completion and API key, from the key that asked for the completion; queued for the store
+        (see StoreWriter), so the answer waits for no database write."""
+        from chatforge.serve.feedback import AlreadyRated, StoreBusy, StoreUnavailable, UnknownCompletion
 
-        self._authorize(request)
+        key_id = self._authorize(request)
         body = parse_body(FeedbackRequest, await read_body(request, self.spec.max_body_bytes))
+        body.check_lengths(self.spec.feedback.max_correction_chars, self.spec.feedback.max_comment_chars)
         try:
-            feedback_id = await asyncio.to_thread(
-                self.store.record_feedback, body.completion_id, body.rating, body.correction, body.comment, body.user
+            feedback_id = await self.writer.rate(
+                body.completion_id, key_id, body.rating, body.correction, body.comment, body.user
             )
         except UnknownCompletion:
-            raise ApiError(
-                404,
-                f"No completion with id '{body.completion_id}' (ids are the `id` of chat completion responses).",
-                param="completion_id",
-                code="completion_not_found",
-                type="not_found_error",
-            ) from None
+            raise completion_not_found(body.completion_id) from None
+        except AlreadyRated:
+            raise already_rated(body.completion_id) from None
+        except (StoreUnavailable, StoreBusy) as error:
+            raise store_unavailable(str(error)) from None
         self.metrics.feedback(body.rating)
         return JSONResponse(
             {"id": feedback_id, "object": "feedback", "completion_id": body.completion_id, "rating": body.rating}
@@ -279,7 +318,7 @@ class ChatIngress:
                 )
             variant = self._choose(body, key_id)
             params = self._params(body, variant)
-            return await self._complete(body, variant, params, deadline)
+            return await self._complete(body, variant, params, deadline, key_id)
         except ApiError as error:
             self.metrics.request(variant, str(error.status))
             raise
@@ -290,7 +329,9 @@ class ChatIngress:
             self.metrics.request(variant, "500")
             raise
 
-    async def _complete(self, body: ChatCompletionRequest, variant: str, params: SamplingParams, deadline: float):
+    async def _complete(
+        self, body: ChatCompletionRequest, variant: str, params: SamplingParams, deadline: float, key_id: str | None
+    ):
         started = time.perf_counter()
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -303,12 +344,13 @@ class ChatIngress:
             "user": body.user,
             "prompt": json.dumps(messages, ensure_ascii=False),
             "stream": body.stream,
+            "key_id": key_id,
         }
         verdict_in = await asyncio.to_thread(self.guard.check_input, messages)
         if verdict_in.blocked:
             self.metrics.guard_block(variant, "input")
             self.metrics.request(variant, "blocked")
-            await self._store(
+            self._store(
                 **record,
                 answer=self.guard.refusal,
                 latency_ms=(time.perf_counter() - started) * 1000,
@@ -335,7 +377,7 @@ class ChatIngress:
             text, finish, logprobs = self.guard.refusal, "content_filter", None
         latency = time.perf_counter() - started
         outcome, score = _guard_outcome(verdict_in, verdict_out)
-        await self._store(
+        self._store(
             **record,
             answer=text,
             latency_ms=latency * 1000,
@@ -389,8 +431,9 @@ class ChatIngress:
 
         async def events():
             sent: list[str] = []  # the text the client received
-            completion_tokens = 0
+            completion_tokens = 0  # of the last chunk received: a stream cut by the client counts what it generated
             ending = None  # ok, blocked, timeout or error; None when the client left first
+            verdict_out = None
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 while ending is None:
@@ -436,21 +479,19 @@ class ChatIngress:
                         yield chunk({"content": text}, None, logprobs)
                     if item.finish_reason is not None:
                         yield chunk({}, item.finish_reason)
+                if censor is None and ending == "ok":
+                    verdict_out = await asyncio.to_thread(self.guard.check_output, "".join(sent))
                 if include_usage and ending in ("ok", "blocked"):
                     yield sse(usage_chunk_body(completion_id, created, variant, prompt_tokens, completion_tokens))
             finally:
-                text = "".join(sent)
+                # Nothing here awaits: a client that leaves cancels this generator, and the record must still go.
                 if censor is not None:
                     verdict_out = censor.worst
-                elif ending == "ok":
-                    verdict_out = await asyncio.to_thread(self.guard.check_output, text)
-                else:
-                    verdict_out = None
                 outcome, score = _guard_outcome(verdict_in, verdict_out)
                 latency = time.perf_counter() - started
-                store = self._store(
+                self._store(
                     **record,
-                    answer=text,
+                    answer="".join(sent),
                     latency_ms=latency * 1000,
                     prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens,
@@ -466,7 +507,6 @@ class ChatIngress:
                 self.metrics.latency(variant, latency)
                 if ending is None:
                     responses.cancel()
-            await store  # stored before [DONE], so feedback sent right after the stream finds the completion
             yield SSE_DONE
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
@@ -528,7 +568,11 @@ def load_serve_spec(args: dict[str, Any]) -> ServeSpec:
 
 
 def prepare_spec(spec: ServeSpec) -> ServeSpec:
-    """Model dirs and SQLite paths made absolute (replicas may run elsewhere), checked to exist."""
+    """Model dirs and SQLite paths made absolute (replicas may run elsewhere), checked to exist; a SQLite store
+    (after ``feedback.url_env``) refused for more than one ingress replica."""
+    error = sqlite_replicas_error(spec.feedback.resolved_url(), spec.ingress_replicas, spec.feedback.url_env)
+    if error:
+        raise SpecError(error)
     variants = [
         v.model_copy(update={"model": _resolve_path(v.model, f"serve.variants[{i}] ({v.name}).model")})
         for i, v in enumerate(spec.variants)
@@ -537,6 +581,21 @@ def prepare_spec(spec: ServeSpec) -> ServeSpec:
         raise SpecError(f"serve.variants: the name {INGRESS_NAME!r} is taken by the HTTP ingress")
     feedback = spec.feedback.model_copy(update={"url": _absolute_sqlite(spec.feedback.url)})
     return spec.model_copy(update={"variants": variants, "feedback": feedback})
+
+
+def user_hash_key(spec: FeedbackSpec) -> str:
+    """Hex of the key the store hashes ``user`` with: from the env var ``spec.user_hash_key_env`` where the app is
+    built, else random, so hashes agree across this deployment's replicas, and across deployments only with the env
+    var set. It travels to the replicas with the app, like the API keys' digests."""
+    secret = os.environ.get(spec.user_hash_key_env) if spec.user_hash_key_env else None
+    if secret:
+        return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+    log.info(
+        "%s is not set: the feedback store hashes `user` with a random key, so the hashes change when the app is "
+        "deployed again",
+        spec.user_hash_key_env or "serve.feedback.user_hash_key_env",
+    )
+    return secrets.token_hex(32)
 
 
 def variant_deployment(variant: VariantSpec):
@@ -583,4 +642,4 @@ def build_app(args: dict[str, Any]) -> Application:
         max_ongoing_requests=max(256, sum(v.max_ongoing_requests for v in spec.variants)),
         max_queued_requests=spec.max_queued_requests,  # past it Serve's proxy answers 503 itself
         backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),
-    ).bind(spec, models, keys.hex_digests())
+    ).bind(spec, models, keys.hex_digests(), user_hash_key(spec.feedback))

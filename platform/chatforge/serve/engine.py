@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicLayer
 from chatforge.compat import cache_layers
 from chatforge.config import EngineSpec
 from chatforge.serve.sampling import find_stop, held_back, is_greedy, sample_token, top_alternatives
+from chatforge.train.model import resolve_dtype, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,10 @@ class Engine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(spec.dtype)
-        if dtype is None:  # auto
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self._model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=dtype)
+        self._model = AutoModelForCausalLM.from_pretrained(
+            model_dir, use_safetensors=True, dtype=resolve_dtype(spec.dtype, self.device)
+        )
         self._model.to(self.device).eval()
         config = self._model.config.get_text_config(decoder=True)
         if any(type(layer) is not DynamicLayer for layer in DynamicCache(config=self._model.config).layers):
@@ -128,9 +128,9 @@ class Engine:
         self.context_window = min(windows)
         # transformers 5.x renames forward's `past_key_values` to `cache` (the old name warns, then goes in 5.40)
         self._cache_arg = "cache" if "cache" in inspect.signature(self._model.forward).parameters else "past_key_values"
-        eos = self._model.generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self._stop_ids = frozenset(eos + [self._tokenizer.eos_token_id]) - {None}
+        self._stop_ids = frozenset(
+            stop_token_ids(self._model.generation_config.eos_token_id, self._tokenizer.eos_token_id)
+        )
         self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
 
         self._waiting: deque[_Sequence] = deque()

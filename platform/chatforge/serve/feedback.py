@@ -1,23 +1,34 @@
 """The feedback store: every served completion and the ratings users give it, in one SQL database.
 
-SQLAlchemy Core over any URL it knows: SQLite (the default, one node) or PostgreSQL (``postgresql+psycopg://``,
-several replicas on several nodes). Prompts, answers and corrections are PII-scrubbed before they are written.
-Methods are synchronous and thread-safe (a connection pool); the app calls them with ``asyncio.to_thread``.
-``read_feedback`` reads the store back as a Ray Dataset for continual learning.
+SQLAlchemy Core over any URL it knows: SQLite (the default: one node, one ingress replica) or PostgreSQL
+(``postgresql+psycopg://``, several replicas on several nodes). Prompts, answers, corrections and comments are
+PII-scrubbed, and ``user`` is hashed, before they are written. ``FeedbackStore``'s methods are synchronous and
+thread-safe (a connection pool). No answer of the ingress waits for a write: ``StoreWriter`` writes for it from one
+background task, in arrival order, retrying while the database is slow or down. ``read_feedback`` reads the store
+back as a Ray Dataset for continual learning.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import hashlib
+import hmac
 import json
 import logging
 import os
+import threading
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import NullPool
 
 from chatforge.config import FeedbackSpec
@@ -33,6 +44,9 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 RATINGS = (-1, 0, 1)
 _SCHEMA_LOCK_KEY = 0x63686174666F7267  # "chatforg": the advisory lock that serialises table creation
 GUARD_OUTCOMES = ("pass", "flagged", "blocked")
+READ_ONLY_OPTION = "chatforge_read_only"  # an execution option: the transaction only reads
+# The key id stored for completions and ratings served without API keys (a real key id is 12 hex characters).
+ANONYMOUS_KEY_ID = ""
 
 metadata = sa.MetaData()
 
@@ -42,7 +56,7 @@ completions = sa.Table(
     sa.Column("id", sa.String(128), primary_key=True),
     sa.Column("created", sa.Double, nullable=False, index=True),  # unix seconds
     sa.Column("variant", sa.String(64), nullable=False),
-    sa.Column("user", sa.Text),
+    sa.Column("user", sa.Text),  # hash_user of the request's `user`
     sa.Column("prompt", sa.Text, nullable=False),  # JSON list of {"role", "content"}
     sa.Column("answer", sa.Text, nullable=False),
     sa.Column("latency_ms", sa.Double, nullable=False),
@@ -51,6 +65,8 @@ completions = sa.Table(
     sa.Column("guard", sa.String(16), nullable=False),
     sa.Column("guard_score", sa.Double),
     sa.Column("stream", sa.Boolean, nullable=False),
+    # the id of the API key that asked; ANONYMOUS_KEY_ID without keys; NULL in rows older than this column
+    sa.Column("key_id", sa.String(64)),
 )
 
 feedback = sa.Table(
@@ -61,14 +77,35 @@ feedback = sa.Table(
     sa.Column("rating", sa.SmallInteger, nullable=False),
     sa.Column("correction", sa.Text),
     sa.Column("comment", sa.Text),
-    sa.Column("user", sa.Text),
+    sa.Column("user", sa.Text),  # hash_user of the rating's `user`
     sa.Column("created", sa.Double, nullable=False, index=True),
+    # the key that rated, always the completion's own; NULL in rows older than this column, which the unique
+    # index below leaves alone (NULLs are distinct), so a store with such rows takes the index as it is
+    sa.Column("key_id", sa.String(64)),
+    sa.Column("public_id", sa.String(64)),  # the id /v1/feedback answered with
     sa.CheckConstraint("rating BETWEEN -1 AND 1", name="feedback_rating_range"),
+    sa.Index("feedback_once_per_key", "completion_id", "key_id", unique=True),
 )
 
 
 class UnknownCompletion(KeyError):
-    """Feedback names a completion id the store has never seen."""
+    """Feedback names a completion id the store has never seen, or one another API key asked for."""
+
+
+class AlreadyRated(ValueError):
+    """This API key has rated this completion already: one rating per completion and key."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot answer a look-up now (down, or slower than LOOKUP_TIMEOUT_S); the client may retry."""
+
+
+class StoreBusy(RuntimeError):
+    """The write queue is full: the store has fallen behind; the client may retry."""
+
+
+class SchemaError(RuntimeError):
+    """An existing table lacks a column that cannot be added to its rows as NULL."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +113,7 @@ class CompletionRecord:
     id: str
     created: float
     variant: str
-    user: str | None
+    user: str | None  # as the client sent it: the store hashes it
     prompt: str  # JSON of the request's messages
     answer: str
     latency_ms: float
@@ -85,11 +122,36 @@ class CompletionRecord:
     guard: str  # "pass" | "flagged" | "blocked"
     guard_score: float | None
     stream: bool
+    key_id: str | None = None  # the API key's id; None when served without keys
 
 
 def safe_url(url: str | URL) -> str:
     """The URL as it may appear in logs and errors: the password masked."""
     return make_url(url).render_as_string(hide_password=True)
+
+
+def stored_key_id(key_id: str | None) -> str:
+    return ANONYMOUS_KEY_ID if key_id is None else key_id
+
+
+def hash_user(user: str | None, key: bytes) -> str | None:
+    """``user`` as the store keeps it: ``u-`` and the first 16 hex of its HMAC-SHA256 under ``key``.
+
+    Keyed, because `user` values are often emails, account numbers or small integers: a plain SHA-256 of them is
+    undone by hashing the likely candidates, while an HMAC needs the key, which is not in the database. Rows of one
+    user still share one value, so they group together. 64 bits keep users apart (a collision among a million
+    users has odds of about 3e-8) and say less than the whole digest."""
+    if user is None:
+        return None
+    return "u-" + hmac.new(key, user.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed database call may succeed when tried again: the database was unreachable, locked or busy,
+    or its file's directory could not be made. A refusal (a constraint, a duplicate) is not."""
+    if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, OSError))
 
 
 def _sqlite_file(url: URL) -> Path | None:
@@ -101,11 +163,8 @@ def _sqlite_file(url: URL) -> Path | None:
 
 
 def make_engine(url: str | URL) -> Engine:
-    """An engine for ``url``; for SQLite: parent dir created, WAL, busy timeout, enforced foreign keys."""
+    """An engine for ``url`` (nothing is connected yet); for SQLite: WAL, busy timeout, enforced foreign keys."""
     url = make_url(url)
-    sqlite_file = _sqlite_file(url)
-    if sqlite_file is not None:
-        sqlite_file.parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(url, pool_pre_ping=url.get_backend_name() != "sqlite")
     if url.get_backend_name() == "sqlite":
         _configure_sqlite(engine)
@@ -127,7 +186,9 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(connection) -> None:
         # IMMEDIATE takes the write lock up front, waiting up to busy_timeout: a deferred transaction that reads
         # then writes fails at once with SQLITE_BUSY when another writer committed in between (WAL snapshots).
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read-only one stays deferred: under WAL it reads while a writer holds the lock.
+        read_only = connection.get_execution_options().get(READ_ONLY_OPTION, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def _scrub_messages(prompt: str, placeholders: dict[str, str]) -> str:
@@ -147,23 +208,87 @@ def _scrub_messages(prompt: str, placeholders: dict[str, str]) -> str:
     return json.dumps(scrubbed, ensure_ascii=False)
 
 
+def _add_missing_columns(connection: Connection) -> list[str]:
+    """Add the columns of ``metadata`` that existing tables lack (stores made by older versions); returns them.
+
+    Every such column is nullable, so adding it is one ALTER TABLE that leaves older rows NULL there."""
+    inspector = sa.inspect(connection)
+    quote = connection.dialect.identifier_preparer.quote
+    added = []
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable or column.primary_key:
+                raise SchemaError(
+                    f"the table {table.name} lacks the column {column.name}, which cannot be added to its rows: "
+                    "point serve.feedback.url at a new database, or move this one aside"
+                )
+            kind = column.type.compile(dialect=connection.dialect)
+            connection.exec_driver_sql(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
+            added.append(f"{table.name}.{column.name}")
+    return added
+
+
 class FeedbackStore:
-    def __init__(self, url: str, scrub_pii: bool = True) -> None:
+    """Completions and ratings in one database. Nothing connects until the first call, which creates the tables
+    (or adds the columns an older store lacks), so a store that is down when the app starts stops nothing."""
+
+    def __init__(self, url: str, scrub_pii: bool = True, user_hash_key: bytes | None = None) -> None:
+        """``user_hash_key``: the key of ``hash_user``; None draws a random one (hashes then last as long as this
+        store object: the app passes one key to all its replicas)."""
         self.url = url
         self.scrub_pii = scrub_pii
+        self.user_hash_key = user_hash_key or os.urandom(32)
         self.engine = make_engine(url)
-        with self.engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                # replicas starting together would race to create the same tables: one at a time
-                connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
-            metadata.create_all(connection)
+        self._ready = False
+        self._prepare_lock = threading.Lock()
         logger.info("feedback store at %s", safe_url(url))
 
     @classmethod
-    def from_spec(cls, spec: FeedbackSpec) -> FeedbackStore:
+    def from_spec(cls, spec: FeedbackSpec, user_hash_key: bytes | None = None) -> FeedbackStore:
         """The store the spec names; the env var ``spec.url_env``, when set and not empty, replaces ``spec.url``."""
-        url = (os.environ.get(spec.url_env) if spec.url_env else None) or spec.url
-        return cls(url, scrub_pii=spec.scrub_pii)
+        return cls(spec.resolved_url(), scrub_pii=spec.scrub_pii, user_hash_key=user_hash_key)
+
+    def prepare(self) -> None:
+        """Create the tables and indexes, adding the columns an older store lacks; a no-op once done."""
+        with self._prepare_lock:
+            if self._ready:
+                return
+            sqlite_file = _sqlite_file(make_url(self.url))
+            if sqlite_file is not None:
+                sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+            with self.engine.begin() as connection:
+                if connection.dialect.name == "postgresql":
+                    # replicas starting together would race to create the same tables: one at a time
+                    connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+                metadata.create_all(connection)
+                added = _add_missing_columns(connection)
+                for table in metadata.sorted_tables:
+                    for index in table.indexes:
+                        index.create(connection, checkfirst=True)
+            if added:
+                logger.warning(
+                    "feedback store at %s: added the columns %s (rows written before have NULL there; their "
+                    "completions take no ratings)",
+                    safe_url(self.url),
+                    ", ".join(added),
+                )
+            self._ready = True
+
+    @contextmanager
+    def _transaction(self, read_only: bool = False) -> Iterator[Connection]:
+        self.prepare()
+        try:
+            with self.engine.connect() as connection:
+                if read_only:
+                    connection.execution_options(**{READ_ONLY_OPTION: True})
+                with connection.begin():
+                    yield connection
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError):
+            self._ready = False  # the database may be a new one now (a replaced file, a restored server): look again
+            raise
 
     def _scrub(self, text: str | None, placeholders: dict[str, str]) -> str | None:
         if text is None or not self.scrub_pii:
@@ -174,11 +299,13 @@ class FeedbackStore:
         if record.guard not in GUARD_OUTCOMES:
             raise ValueError(f"guard must be one of {GUARD_OUTCOMES}, got {record.guard!r}")
         row = asdict(record)
+        row["user"] = hash_user(record.user, self.user_hash_key)
+        row["key_id"] = stored_key_id(record.key_id)
         if self.scrub_pii:
             placeholders: dict[str, str] = {}  # one numbering across the conversation and its answer
             row["prompt"] = _scrub_messages(record.prompt, placeholders)
             row["answer"] = self._scrub(record.answer, placeholders)
-        with self.engine.begin() as connection:
+        with self._transaction() as connection:
             connection.execute(completions.insert().values(**row))
 
     def record_feedback(
@@ -188,28 +315,61 @@ class FeedbackStore:
         correction: str | None,
         comment: str | None,
         user: str | None = None,
+        key_id: str | None = None,
+        public_id: str | None = None,
     ) -> int:
-        """Store one rating of a completion; returns the feedback id. Raises UnknownCompletion, ValueError."""
+        """Store the rating of a completion by the API key ``key_id`` (None: served without keys); returns the row id.
+
+        Raises UnknownCompletion when no completion has this id or another key asked for it, AlreadyRated when this
+        key has rated it, ValueError for a rating not in -1, 0, 1."""
         if isinstance(rating, bool) or rating not in RATINGS:
             raise ValueError(f"rating must be -1, 0 or 1, got {rating!r}")
+        rater = stored_key_id(key_id)
         placeholders: dict[str, str] = {}
         row = {
             "completion_id": completion_id,
             "rating": int(rating),
             "correction": self._scrub(correction, placeholders),
             "comment": self._scrub(comment, placeholders),
-            "user": user,
+            "user": hash_user(user, self.user_hash_key),
             "created": time.time(),
+            "key_id": rater,
+            "public_id": public_id or new_feedback_id(),
         }
-        with self.engine.begin() as connection:
-            known = connection.execute(sa.select(completions.c.id).where(completions.c.id == completion_id)).first()
-            if known is None:
-                raise UnknownCompletion(completion_id)
-            result = connection.execute(feedback.insert().values(**row))
-            return int(result.inserted_primary_key[0])
+        try:
+            with self._transaction() as connection:
+                owner = connection.execute(
+                    sa.select(completions.c.key_id).where(completions.c.id == completion_id)
+                ).first()
+                if owner is None or owner[0] != rater:
+                    raise UnknownCompletion(completion_id)
+                if self._rated(connection, completion_id, rater):
+                    raise AlreadyRated(completion_id)
+                result = connection.execute(feedback.insert().values(**row))
+                return int(result.inserted_primary_key[0])
+        except sa.exc.IntegrityError as error:
+            # Two transactions that both found no rating (PostgreSQL's READ COMMITTED): the unique index decides.
+            if "feedback_once_per_key" in str(error.orig) or "feedback.completion_id, feedback.key_id" in str(error):
+                raise AlreadyRated(completion_id) from None
+            raise
+
+    @staticmethod
+    def _rated(connection: Connection, completion_id: str, rater: str) -> bool:
+        query = sa.select(feedback.c.id).where(feedback.c.completion_id == completion_id, feedback.c.key_id == rater)
+        return connection.execute(query.limit(1)).first() is not None
+
+    def check_rating(self, completion_id: str, key_id: str | None) -> tuple[bool, bool, bool]:
+        """(the completion exists, it was asked for with ``key_id``, ``key_id`` has rated it), in one transaction."""
+        rater = stored_key_id(key_id)
+        with self._transaction(read_only=True) as connection:
+            owner = connection.execute(sa.select(completions.c.key_id).where(completions.c.id == completion_id)).first()
+            if owner is None:
+                return False, False, False
+            mine = owner[0] == rater
+            return True, mine, mine and self._rated(connection, completion_id, rater)
 
     def counts(self) -> dict[str, int]:
-        with self.engine.connect() as connection:
+        with self._transaction(read_only=True) as connection:
             return {
                 "completions": connection.execute(sa.select(sa.func.count()).select_from(completions)).scalar_one(),
                 "feedback": connection.execute(sa.select(sa.func.count()).select_from(feedback)).scalar_one(),
@@ -217,6 +377,253 @@ class FeedbackStore:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def new_feedback_id() -> str:
+    return f"feedback-{uuid.uuid4().hex}"
+
+
+# ---------------------------------------------------------------- writing in the background
+
+RETRY_FIRST_S = 0.05  # the first retry's wait; each next one waits twice as long, up to RETRY_MAX_S
+RETRY_MAX_S = 5.0
+LOOKUP_TIMEOUT_S = 5.0  # a rating's look-up of its completion; past it the API answers 503
+# With several ingress replicas, a rating may reach a replica other than the one that answered its completion,
+# and before that one's row is written: the look-up is repeated after these waits before the answer is 404.
+PEER_LOOKUP_WAITS_S = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+
+@dataclass
+class _Recent:
+    key_id: str  # as stored (stored_key_id)
+    raters: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class _Write:
+    record: str  # "schema", "completion" or "feedback": the metrics' tag
+    name: str  # the completion or feedback id, for logs
+    write: Callable[[], Any]
+    queued: float = field(default_factory=time.monotonic)
+
+
+class StoreWriter:
+    """Writes to a FeedbackStore from one background task, so no answer waits for the database.
+
+    - In order: one task writes the queue first in, first out, so a rating is written after its completion.
+    - Retried: a write that fails for a reason that may pass (``is_transient``: unreachable, locked, busy) is tried
+      again with exponential backoff, RETRY_FIRST_S doubling up to RETRY_MAX_S; the next writes wait behind it.
+      Only a write that still fails ``retry_window_s`` after it was queued is dropped (logged, counted
+      ``expired``). One the database refuses (``rejected``: a duplicate rating, a completion that never got in) is
+      dropped at once.
+    - Bounded: at most ``queue_size`` writes wait. A completion beyond is not stored (logged, counted
+      ``queue_full``; its answer is already on its way); a rating beyond is refused with StoreBusy (the API answers
+      503 and the client retries), so nothing is lost silently.
+    - Known before written: ``rate`` checks a rating against the completions this replica queued (the newest
+      2 × ``queue_size`` of them, which include every one still queued) and the ratings it took, and asks the
+      database only about older ones, so a rating posted right after its completion finds it, whatever the queue
+      holds.
+    """
+
+    def __init__(
+        self,
+        store: FeedbackStore,
+        metrics: Any,
+        queue_size: int = 10_000,
+        retry_window_s: float = 600.0,
+        peers: bool = False,
+    ) -> None:
+        """``metrics``: a ServeMetrics (``store_write_error``, ``store_queue``); ``peers``: other ingress replicas
+        write to the same database (their completions may arrive there after a rating of them reaches this one)."""
+        self.store = store
+        self.metrics = metrics
+        self.queue: asyncio.Queue[_Write] = asyncio.Queue(queue_size)
+        self.retry_window_s = retry_window_s
+        self.peer_waits = PEER_LOOKUP_WAITS_S if peers else ()
+        self.recent_limit = 2 * queue_size
+        self.healthy: bool | None = None  # None until the store first answers or fails
+        self._recent: OrderedDict[str, _Recent] = OrderedDict()
+        self._task: asyncio.Task | None = None
+        self._writing = False
+        self._put(_Write("schema", safe_url(store.url), store.prepare))  # reach the store at start, not at first use
+
+    def start(self) -> None:
+        """Start the writing task on the running event loop (once)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="feedback-store-writer")
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok" if self.healthy else "degraded", "queued": self.queue.qsize()}
+
+    # ------------------------------------------------------------ what the ingress calls
+
+    def add_completion(self, record: CompletionRecord) -> bool:
+        """Queue a completion; False (logged and counted) when the queue is full. Never waits."""
+        self.start()
+        if not self._put(_Write("completion", record.id, functools.partial(self.store.record_completion, record))):
+            logger.error(
+                "feedback store at %s is %d writes behind: the completion %s is not stored",
+                safe_url(self.store.url),
+                self.queue.qsize(),
+                record.id,
+            )
+            return False
+        self._remember(record.id, _Recent(stored_key_id(record.key_id)))
+        return True
+
+    async def rate(
+        self,
+        completion_id: str,
+        key_id: str | None,
+        rating: int,
+        correction: str | None,
+        comment: str | None,
+        user: str | None,
+    ) -> str:
+        """Queue the rating of a completion by the key ``key_id``; returns its public id.
+
+        Raises UnknownCompletion (no such completion, or another key's), AlreadyRated (this key rated it),
+        StoreUnavailable (the database must be asked and cannot answer), StoreBusy (the queue is full)."""
+        self.start()
+        rater = stored_key_id(key_id)
+        if completion_id not in self._recent:
+            await self._look_up(completion_id, rater)
+        entry = self._recent.get(completion_id)  # from here to the end nothing awaits: checked and taken at once
+        if entry is None or entry.key_id != rater:
+            raise UnknownCompletion(completion_id)
+        if rater in entry.raters:
+            raise AlreadyRated(completion_id)
+        public_id = new_feedback_id()
+        write = functools.partial(
+            self.store.record_feedback, completion_id, rating, correction, comment, user, key_id, public_id
+        )
+        if not self._put(_Write("feedback", public_id, write)):
+            raise StoreBusy(
+                f"The feedback store is {self.queue.qsize()} writes behind; the rating was not taken. Retry in a "
+                "moment."
+            )
+        entry.raters.add(rater)
+        self._recent.move_to_end(completion_id)  # to the newest end: it outlasts the rating's wait in the queue
+        return public_id
+
+    async def _look_up(self, completion_id: str, rater: str) -> None:
+        """Ask the database about a completion this replica does not know of; remember it when it is ``rater``'s."""
+        for wait in (0.0, *self.peer_waits):
+            await asyncio.sleep(wait)
+            try:
+                async with asyncio.timeout(LOOKUP_TIMEOUT_S):
+                    exists, mine, rated = await asyncio.to_thread(self.store.check_rating, completion_id, rater)
+            except TimeoutError:
+                raise StoreUnavailable(
+                    f"The feedback store did not answer within {LOOKUP_TIMEOUT_S:g} s. Retry in a moment."
+                ) from None
+            except Exception as error:
+                if not is_transient(error):
+                    raise
+                self._failed(error)
+                raise StoreUnavailable("The feedback store cannot be reached. Retry in a moment.") from None
+            if completion_id in self._recent:  # another rating of it looked it up meanwhile
+                return
+            if exists:
+                if mine:
+                    self._remember(completion_id, _Recent(rater, {rater} if rated else set()))
+                return
+
+    def _remember(self, completion_id: str, entry: _Recent) -> None:
+        self._recent[completion_id] = entry
+        while len(self._recent) > self.recent_limit:
+            self._recent.popitem(last=False)
+
+    # ------------------------------------------------------------ the writing task
+
+    def _put(self, write: _Write) -> bool:
+        try:
+            self.queue.put_nowait(write)
+        except asyncio.QueueFull:
+            self.metrics.store_write_error(write.record, "queue_full")
+            return False
+        self.metrics.store_queue(self.queue.qsize())
+        return True
+
+    def _failed(self, error: BaseException) -> None:
+        if self.healthy is not False:
+            logger.error("feedback store at %s is unavailable: %s", safe_url(self.store.url), _first_line(error))
+        self.healthy = False
+
+    async def _run(self) -> None:
+        while True:
+            write = await self.queue.get()
+            self._writing = True
+            try:
+                await self._write(write)
+            except Exception:  # a bug in one write must not stop every later one
+                logger.exception("writing the %s %s failed", write.record, write.name)
+            finally:
+                self._writing = False
+                self.queue.task_done()
+                self.metrics.store_queue(self.queue.qsize())
+
+    async def _write(self, write: _Write) -> None:
+        wait, attempt = RETRY_FIRST_S, 1
+        while True:
+            try:
+                await asyncio.to_thread(write.write)
+            except Exception as error:
+                if not is_transient(error):
+                    self.metrics.store_write_error(write.record, "rejected")
+                    logger.error(
+                        "the feedback store refused the %s %s: %s", write.record, write.name, _first_line(error)
+                    )
+                    return
+                self._failed(error)
+                if time.monotonic() - write.queued >= self.retry_window_s:
+                    self.metrics.store_write_error(write.record, "expired")
+                    logger.error(
+                        "the %s %s is dropped: the feedback store failed it for %g s (retry_window_s): %s",
+                        write.record,
+                        write.name,
+                        self.retry_window_s,
+                        _first_line(error),
+                    )
+                    return
+                self.metrics.store_write_error(write.record, "retry")
+                logger.warning(
+                    "writing the %s %s failed (attempt %d; again in %.2g s; %d more waiting): %s",
+                    write.record,
+                    write.name,
+                    attempt,
+                    wait,
+                    self.queue.qsize(),
+                    _first_line(error),
+                )
+                await asyncio.sleep(wait)
+                wait, attempt = min(wait * 2, RETRY_MAX_S), attempt + 1
+                continue
+            if self.healthy is False:
+                logger.warning("feedback store at %s is back; writing the queue", safe_url(self.store.url))
+            self.healthy = True
+            return
+
+    async def close(self, timeout_s: float) -> int:
+        """Write what is queued, for up to ``timeout_s``, then stop; returns the writes left unwritten (logged)."""
+        if self._task is not None:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self.queue.join()
+            except TimeoutError:
+                pass
+            self._task.cancel()
+        left = self.queue.qsize() + self._writing
+        if left:
+            logger.error(
+                "feedback store at %s: %d writes were not written before shutdown", safe_url(self.store.url), left
+            )
+        return left
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(getattr(error, "orig", None) or error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 # ---------------------------------------------------------------- reading back with Ray Data
@@ -256,6 +663,7 @@ def feedback_query(dialect: sa.Dialect, since: float | None = None) -> str:
             completions.c.guard,
             completions.c.guard_score,
             completions.c.stream,
+            completions.c.key_id,
             feedback.c.id.label("feedback_id"),
             feedback.c.rating,
             feedback.c.correction,
@@ -276,8 +684,9 @@ def read_feedback(url: str, since: float | None = None) -> ray.data.Dataset:
     """The store as a Dataset: one row per completion and feedback (completions without feedback have null
     feedback columns). ``since`` (unix seconds) keeps rows whose completion or feedback is that new or newer.
     Columns: completion_id, completion_created, variant, user, prompt, answer, latency_ms, prompt_tokens,
-    completion_tokens, guard, guard_score, stream (0/1 on SQLite), feedback_id, rating, correction, comment,
-    feedback_user, feedback_created.
+    completion_tokens, guard, guard_score, stream (0/1 on SQLite), key_id (the API key id; empty without keys),
+    feedback_id, rating, correction, comment, feedback_user, feedback_created. ``user`` and ``feedback_user`` are
+    hashes (``hash_user``).
     """
     import ray.data
 

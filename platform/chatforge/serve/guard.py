@@ -1,6 +1,6 @@
 """The toxicity guard of the API: score what clients send and what the model answers, then block or flag.
 
-The scorer is the curation one (``chatforge.data.toxicity.build_scorer``: the offline "targeted" scorer by
+The scorer is the curation one (``chatforge.safety.scorers.build_scorer``: the offline "targeted" scorer by
 default, detoxify for production), so serving and curation agree on what toxic means. Per direction the policy
 is ``block`` (refuse: the app answers ``refusal``), ``flag`` (serve, but mark the completion in the feedback
 store) or ``off`` (not scored at all). A streamed answer under ``block`` goes through ``StreamGuard``, which sends
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chatforge.config import GuardSpec
-from chatforge.data.toxicity import TOXICITY_LABEL, Scorer, build_scorer
+from chatforge.safety.scorers import TOXICITY_LABEL, Scorer, build_scorer
 
 
 @dataclass(frozen=True)

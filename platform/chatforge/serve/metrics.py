@@ -15,6 +15,7 @@ LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 # (0, 1] would count as 0.5). Half-integer edges put the midpoints of the small buckets on the sizes themselves, so
 # `_sum / _count` is the true mean batch size up to 4 and close above.
 BATCH_BOUNDARIES = [0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 24.5, 32.5, 48.5, 64.5]
+STORE_WRITE_OUTCOMES = ("retry", "expired", "rejected", "queue_full")
 
 
 class ServeMetrics:
@@ -51,6 +52,17 @@ class ServeMetrics:
             description="feedback received by rating (-1, 0, 1)",
             tag_keys=("rating",),
         )
+        self._store_errors = Counter(
+            "chatforge_feedback_write_errors_total",
+            description="failed writes to the feedback store by record (schema, completion, feedback) and outcome: "
+            "retry (tried again later), expired (dropped after retry_window_s), rejected (refused by the database, "
+            "dropped), queue_full (not queued: the queue was full)",
+            tag_keys=("record", "outcome"),
+        )
+        self._store_queue = Gauge(
+            "chatforge_feedback_queue_depth",
+            description="writes an ingress replica holds for the feedback store (waiting for it or retrying)",
+        )
         self._sequences = Gauge(
             "chatforge_engine_sequences",
             description="sequences in a replica's engine: running in the batch or waiting for a slot",
@@ -79,6 +91,14 @@ class ServeMetrics:
 
     def feedback(self, rating: int) -> None:
         self._feedback.inc(1, tags={"rating": str(rating)})
+
+    def store_write_error(self, record: str, outcome: str) -> None:
+        if outcome not in STORE_WRITE_OUTCOMES:
+            raise ValueError(f"outcome must be one of {STORE_WRITE_OUTCOMES}, got {outcome!r}")
+        self._store_errors.inc(1, tags={"record": record, "outcome": outcome})
+
+    def store_queue(self, depth: int) -> None:
+        self._store_queue.set(depth)
 
     def engine_load(self, variant: str, running: int, waiting: int) -> None:
         """Set from ``Engine.stats()``; optional (not every caller has an engine at hand)."""

@@ -134,11 +134,25 @@ def load_tokenizer(spec: ModelSpec, texts: Iterable[str] | None = None) -> PreTr
 # ---------------------------------------------------------------- model
 
 
-def resolve_dtype(dtype: str) -> torch.dtype:
-    """``ModelSpec.dtype`` as a torch dtype: auto is bf16 on a GPU, fp32 on CPU."""
+def resolve_dtype(dtype: str, device: torch.device | str | None = None) -> torch.dtype:
+    """``ModelSpec.dtype`` or ``EngineSpec.dtype`` as a torch dtype: auto is bf16 on a GPU, fp32 on CPU.
+
+    ``device``: where the model runs (default: a GPU when there is one).
+    """
     if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        return torch.bfloat16 if on_gpu else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def stop_token_ids(*ids: int | Sequence[int] | None) -> list[int]:
+    """The token ids generation stops at, in order, each once: config values (one id, several, or None) merged."""
+    stops: list[int] = []
+    for value in ids:
+        for token_id in [] if value is None else [value] if isinstance(value, int) else value:
+            if token_id not in stops:
+                stops.append(token_id)
+    return stops
 
 
 def _set_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -148,12 +162,9 @@ def _set_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     ends in <|im_end|>, which is not eos.
     """
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
-    stops = model.generation_config.eos_token_id
-    stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
-    vocab = tokenizer.get_vocab()
-    for token_id in (tokenizer.eos_token_id, vocab.get(IM_END)):
-        if token_id is not None and token_id not in stops:
-            stops.append(token_id)
+    stops = stop_token_ids(
+        model.generation_config.eos_token_id, tokenizer.eos_token_id, tokenizer.get_vocab().get(IM_END)
+    )
     model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
 
 

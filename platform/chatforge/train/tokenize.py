@@ -1,4 +1,4 @@
-"""Conversations to training rows: chat-template tokenisation, assistant-only labels, packing, packed attention.
+"""Conversations to training rows: chat-template tokenisation, assistant-only labels, packing, model inputs.
 
 1. `tokenize_conversation` renders a conversation with the model's chat template (the one the server uses) and labels
    only what the model would have to generate: each assistant turn's tokens and its end-of-turn token.
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label value cross-entropy skips (HF's default ignore_index)
 PAD_SEQUENCE_ID = -1  # sequence id of padding positions
+TENSOR_KEYS = ("input_ids", "labels", "position_ids", "sequence_ids")  # a row's keys, each a tensor in a batch
 
 # Tokenising a prompt alone can merge its last token with the first token of the reply when the two are tokenised
 # together; allow that much disagreement between a rendered prefix and the full conversation.
@@ -245,47 +246,23 @@ def collate(rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     return {key: torch.as_tensor(np.stack([np.asarray(row[key]) for row in rows]), dtype=torch.long) for key in rows[0]}
 
 
-# ---------------------------------------------------------------- attention
+# ---------------------------------------------------------------- model inputs
 
 
-def packed_attention_mask(sequence_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A (batch, 1, L, L) additive mask: a token attends to earlier tokens of its own sample only.
-
-    Additive (0 allowed, dtype minimum blocked) because eager attention adds the mask to the scores; a boolean
-    mask would be added as 0/1 there. Pass the model's compute dtype (sdpa requires it to match). Padding attends
-    to itself only, so no row is fully masked (that would give NaN).
-    """
-    length = sequence_ids.shape[-1]
-    same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
-    causal = torch.ones(length, length, dtype=torch.bool, device=sequence_ids.device).tril()
-    not_pad = (sequence_ids != PAD_SEQUENCE_ID)[:, :, None]
-    diagonal = torch.eye(length, dtype=torch.bool, device=sequence_ids.device)
-    allowed = (same & causal & not_pad) | diagonal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
-
-
-def model_inputs(
-    batch: Mapping[str, torch.Tensor], explicit_mask: bool = False, dtype: torch.dtype = torch.float32
-) -> dict[str, Any]:
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Keyword arguments for ``model(**kwargs)`` from a collated batch, with no attention across packed samples.
 
-    By default: ``position_ids`` restarting per sample, *no* ``attention_mask`` and ``use_cache=False``.
-    transformers 5 then detects the packed format from the position restarts and builds a block-diagonal causal mask
-    for eager and sdpa itself, in whatever form and dtype that attention implementation wants.
-    Measured on transformers 5.23 (GPT-2, llama, qwen2): a 2D attention_mask, or ``use_cache`` left at the config's
-    True (which creates a cache even in training), silently turns the detection off and samples attend to each
-    other. ``explicit_mask=True`` passes `packed_attention_mask` in ``dtype`` instead, for models whose masking
-    ignores position_ids (custom code). Neither suits flash attention as is: its packed (varlen) path only triggers
-    for a batch of one row, so rows would have to be flattened into one first.
+    ``position_ids`` restarting per sample, *no* ``attention_mask`` and ``use_cache=False``: transformers 5 then
+    detects the packed format from the position restarts and builds a block-diagonal causal mask for eager and sdpa
+    itself, in whatever form and dtype that attention implementation wants. Measured on transformers 5.23 (GPT-2,
+    llama, qwen2): a 2D attention_mask, or ``use_cache`` left at the config's True (which creates a cache even in
+    training), silently turns the detection off and samples attend to each other. Models whose masking ignores
+    position_ids (custom code) get no such mask: train them with ``packing: false``. Flash attention's packed
+    (varlen) path only triggers for a batch of one row, so rows would have to be flattened into one first.
     """
-    kwargs = {
+    return {
         "input_ids": batch["input_ids"],
         "labels": batch["labels"],
         "position_ids": batch["position_ids"],
         "use_cache": False,
     }
-    if explicit_mask:
-        kwargs["attention_mask"] = packed_attention_mask(batch["sequence_ids"], dtype=dtype)
-    return kwargs

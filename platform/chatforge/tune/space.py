@@ -25,6 +25,7 @@ FIXED = (
     "model.name_or_path",
     "model.max_length",
     "model.vocab_size",
+    "scaling.num_workers",  # the train set is cut into this many shards once, before the trials
 )
 
 

@@ -1,0 +1,105 @@
+"""`chatforge curate`: conversation corpora to curated data with Ray Data, and the table that sums it up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from chatforge.cli.common import console, fail, load_with_flags
+from chatforge.config import SourceSpec, SpecError
+
+FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "openai", ".ndjson": "openai", ".json": "sharegpt"}
+
+
+def _inputs_as_sources(inputs: list[str], fmt: str | None) -> list[SourceSpec]:
+    from chatforge.data.sources import compression, file_suffix
+
+    sources: list[SourceSpec] = []
+    for number, path in enumerate(inputs, start=1):
+        suffix = file_suffix(path)  # under any compression suffix: "a.jsonl.gz" -> ".jsonl"
+        chosen = fmt or FORMAT_BY_SUFFIX.get(suffix)
+        if chosen is None:
+            fail(f"--input {path}: cannot tell its format from the name; pass --format sharegpt|openai|parquet")
+        base = Path(path).stem if compression(path) else Path(path).name  # "a.jsonl.gz" -> "a.jsonl"
+        name = Path(base).stem or f"input{number}"
+        if any(s.name == name for s in sources):
+            name = f"{name}-{number}"
+        try:
+            sources.append(SourceSpec(name=name, format=chosen, path=path))
+        except ValueError as err:
+            fail(f"--input {path}: {err}")
+    return sources
+
+
+def curation_table(manifest: dict) -> Table:
+    table = Table(title=f"curated {manifest['input_records']:,} records", show_lines=False)
+    table.add_column("", style="bold")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("records", "input", f"{manifest['input_records']:,}")
+    table.add_row("", "kept", f"{manifest['kept']:,}")
+    for reason, n in manifest["dropped"].items():
+        table.add_row("dropped", reason, f"{n:,}")
+    for repair, n in manifest.get("repaired", {}).items():
+        if n:
+            table.add_row("repaired", repair, f"{n:,}")
+    if manifest.get("augmented"):
+        table.add_row("augmented", "slices added", f"{manifest['augmented']:,}")
+    for name, n in manifest["splits"].items():
+        table.add_row("split", name, f"{n:,}")
+    for kind, n in manifest["pii_replacements"].items():
+        table.add_row("pii", kind, f"{n:,}")
+    tox = manifest["toxicity"]
+    if tox["scored"]:
+        table.add_row("toxicity", "mean / max (assistant)", f"{tox['mean']:.3f} / {tox['max']:.3f}")
+        table.add_row("", "user turns flagged", f"{tox['flagged_user']:,}")
+    for stage in manifest["stages"]:
+        table.add_row("seconds", stage["name"], f"{stage['seconds']:.1f}")
+    table.add_row("seconds", "wall", f"{manifest['wall_seconds']:.1f}")
+    return table
+
+
+def curate(
+    spec: Annotated[Path, typer.Argument(help="curation spec (YAML), e.g. pipelines/curate.yaml")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
+    input: Annotated[
+        list[str] | None,
+        typer.Option("--input", "-i", help="input file/dir/glob (repeatable); replaces the spec's sources"),
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", "-f", help="format of --input: sharegpt|openai|parquet|chitchat")
+    ] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="output directory")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the manifest as JSON on stdout")] = False,
+) -> None:
+    """Curate conversation corpora with Ray Data into OUTPUT/data, OUTPUT/dropped and OUTPUT/manifest.json."""
+    from chatforge.data.pipeline import AccountingError, run_curation
+    from chatforge.data.sources import SourceError, list_files
+    from chatforge.runtime import RayConnectError, init_ray
+
+    try:
+        loaded = load_with_flags(spec, overrides, "curate.output", output)
+        if input:
+            sources = _inputs_as_sources(input, fmt)
+            loaded = loaded.model_copy(update={"curate": loaded.curate.model_copy(update={"sources": sources})})
+        for source in loaded.curate.sources:
+            list_files(source)  # a missing input fails here, before Ray starts
+        init_ray(loaded.ray)
+        with console.status("curating with Ray Data…"):
+            result = run_curation(loaded)
+    except (SpecError, SourceError, RayConnectError) as err:
+        fail(str(err))
+    except AccountingError as err:  # a defect, not bad input: the previous output stays in place
+        fail(f"{err} (the previous output, if any, is unchanged; please report this with the spec)", code=1)
+    console.print(curation_table(result.manifest))
+    console.print(
+        f"data: [bold]{result.output}/data[/]   dropped: {result.output}/dropped   "
+        f"manifest: {result.output}/manifest.json",
+        highlight=False,
+    )
+    if json_out:
+        print(json.dumps(result.manifest))

@@ -1,0 +1,161 @@
+"""`chatforge train`: fine-tuning on Ray Train with a live progress bar, and the table that sums it up."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from chatforge.cli.common import console, fail, load_with_flags
+from chatforge.config import SpecError, TrainDataSpec
+
+
+def _split_data_option(item: str) -> tuple[str, float, str | None]:
+    """``DIR[:WEIGHT[:TAG]]`` read from the right, so paths with colons (s3://...) stay whole."""
+    for n_fields in (2, 1):
+        head, *fields = item.rsplit(":", n_fields)
+        if len(fields) < n_fields:
+            continue
+        try:
+            weight = float(fields[0])
+        except ValueError:
+            continue
+        return head, weight, (fields[1] or None) if n_fields == 2 else None
+    return item, 1.0, None
+
+
+def _data_sources(items: list[str]) -> list[TrainDataSpec]:
+    """``--data DIR[:WEIGHT[:TAG]]`` -> dataset specs."""
+    sources = []
+    for item in items:
+        path, weight, tag = _split_data_option(item)
+        try:
+            sources.append(TrainDataSpec(path=path, weight=weight, tag=tag))
+        except ValueError as err:
+            fail(f"--data {item}: expected DIR[:WEIGHT[:TAG]] ({err})")
+    return sources
+
+
+def training_table(summary: dict) -> Table:
+    final, data = summary["final_metrics"], summary["data"]
+    table = Table(title="training")
+    table.add_column("", style="bold")
+    table.add_column("value", justify="right")
+    rows = [
+        ("steps", f"{final.get('step')}" + (" (stopped early)" if final.get("stopped_early") else "")),
+        ("train loss", f"{final.get('loss', float('nan')):.4f}"),
+        (
+            "val loss (best)",
+            f"{final.get('eval_loss', float('nan')):.4f} ({final.get('best_eval_loss', float('nan')):.4f})",
+        ),
+        ("tokens/s", f"{final.get('tokens_per_s', 0):,.0f}"),
+        ("parameters (trainable)", f"{final.get('total_params', 0):,} ({final.get('trainable_params', 0):,})"),
+        ("train rows x tokens", f"{data['train_rows']:,} x {data['train_tokens'] // max(data['train_rows'], 1):,}"),
+        ("packing efficiency", f"{data['packing_efficiency']:.3f}"),
+        ("samples skipped (no supervised token)", f"{data['skipped_no_supervised_tokens']:,}"),
+        ("wall seconds", f"{summary['wall_seconds']:.1f}"),
+    ]
+    for key, value in final.items():
+        if key.startswith("eval_loss/"):
+            rows.append((f"val loss {key.split('/', 1)[1]}", f"{value:.4f}"))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def report_fields(report: dict) -> str:
+    """One training report as the progress line's metrics: loss, lr, tokens/s, and val loss when evaluated."""
+    parts = []
+    if "loss" in report:
+        parts.append(f"loss {report['loss']:.3f}")
+    if "eval_loss" in report:
+        parts.append(f"val {report['eval_loss']:.3f}")
+    if "lr" in report:
+        parts.append(f"lr {report['lr']:.2e}")
+    if "tokens_per_s" in report:
+        parts.append(f"{report['tokens_per_s']:,.0f} tok/s")
+    return " · ".join(parts)
+
+
+def _first_line_of_cause(error: BaseException) -> str:
+    """The innermost error's message (a worker's own exception, not Ray's wrapping), for a one-line failure."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+@contextlib.contextmanager
+def training_progress(max_steps: int):
+    """A live bar for `chatforge train`: the phase before training, then step/total, metrics, elapsed and ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=12),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    import logging
+
+    import ray.data
+
+    # This bar is the progress: Ray Data's own bars and INFO lines for the tokenize/pack pass would interleave with it.
+    data_logger = logging.getLogger("ray.data")
+    level, data_logger.level = data_logger.level, logging.WARNING
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False
+    with contextlib.ExitStack() as restore:
+        restore.callback(setattr, data_logger, "level", level)
+        restore.callback(setattr, context, "enable_progress_bars", bars)
+        bar = restore.enter_context(Progress(*columns, console=console))
+        task = bar.add_task("starting", total=max_steps, metrics="")
+
+        def on_report(report: dict) -> None:
+            bar.update(task, description="training", completed=report.get("step", 0), metrics=report_fields(report))
+
+        yield (lambda message: bar.update(task, description=message)), on_report
+
+
+def train(
+    spec: Annotated[Path, typer.Argument(help="training spec (YAML), e.g. pipelines/finetune-zero2.yaml")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", "-d", help="curated data/ dir, as DIR[:WEIGHT[:TAG]] (repeatable); replaces train.data"),
+    ] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="output directory")] = None,
+) -> None:
+    """Fine-tune a chat model on curated data with Ray Train + DeepSpeed; writes OUTPUT/model and metrics."""
+    from ray.train import TrainingFailedError
+
+    from chatforge.runtime import RayConnectError, init_ray
+    from chatforge.train.trainer import TrainDataError, resolve_data_dir, run_training
+
+    try:
+        loaded = load_with_flags(spec, overrides, "train.output", output)
+        if data:
+            loaded = loaded.model_copy(update={"train": loaded.train.model_copy(update={"data": _data_sources(data)})})
+        for source in loaded.train.data:
+            resolve_data_dir(source.path)  # bad data fails here, before Ray starts
+        init_ray(loaded.ray, idle_workers_per_cpu=0)
+        with training_progress(loaded.train.max_steps) as (phase, on_report):
+            result = run_training(loaded, progress=phase, on_report=on_report)
+    except (SpecError, TrainDataError, RayConnectError) as err:
+        fail(str(err))
+    except TrainingFailedError as err:  # the workers' own error, after Ray Train's retries (scaling.max_failures)
+        fail(f"training failed: {_first_line_of_cause(err)}", code=1)
+    console.print(training_table(result.summary))
+    console.print(f"model: [bold]{result.summary['model_dir']}[/]", highlight=False, soft_wrap=True)

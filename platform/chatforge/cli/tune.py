@@ -1,0 +1,97 @@
+"""`chatforge tune`: a hyperparameter search on Ray Tune, with a live line per trial and the table of all trials."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from chatforge.cli.common import console, fail, load_with_flags
+from chatforge.cli.train import _data_sources, _first_line_of_cause
+from chatforge.config import SpecError
+
+
+def trials_table(result) -> Table:
+    keys = sorted({key for trial in result.trials for key in trial["config"]})
+    best = result.best["trial_id"] if result.best else None
+    table = Table(title=f"{len(result.trials)} trials")
+    table.add_column("trial", style="bold")
+    for key in keys:
+        table.add_column(key, justify="right")
+    for column in ("eval_loss", "steps", "status"):
+        table.add_column(column, justify="right")
+    for trial in sorted(result.trials, key=lambda t: (t["eval_loss"] is None, t["eval_loss"] or math.inf)):
+        values = [_short(trial["config"].get(key)) for key in keys]
+        loss = "-" if trial["eval_loss"] is None else f"{trial['eval_loss']:.4f}"
+        status = trial["status"] + (f": {trial['error']}" if trial["error"] else "")
+        name = trial["trial_id"] + (" (best)" if trial["trial_id"] == best else "")
+        table.add_row(name, *values, loss, str(trial["steps"]), status)
+    return table
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "" if value is None else str(value)
+
+
+def tune(
+    spec: Annotated[Path, typer.Argument(help="search spec (YAML) with a tune section, e.g. pipelines/tune.yaml")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", "-d", help="curated data/ dir, as DIR[:WEIGHT[:TAG]] (repeatable); replaces train.data"),
+    ] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="output directory")] = None,
+) -> None:
+    """Search training hyperparameters on Ray Tune (ASHA on eval_loss); writes OUTPUT/trials.csv and best.json."""
+    from ray.tune.error import TuneError
+
+    from chatforge.runtime import RayConnectError, init_ray
+    from chatforge.tracking import command_run
+    from chatforge.train.trainer import TrainDataError, data_fingerprint, resolve_data_dir
+    from chatforge.tune.search import run_search
+    from chatforge.tune.space import check_space
+
+    try:
+        loaded = load_with_flags(spec, overrides, "tune.output", output)
+        if data:
+            loaded = loaded.model_copy(update={"train": loaded.train.model_copy(update={"data": _data_sources(data)})})
+        check_space(loaded)
+        for source in loaded.train.data:
+            resolve_data_dir(source.path)  # bad data fails here, before Ray starts
+        init_ray(loaded.ray, idle_workers_per_cpu=0)
+        seen: dict[str, str] = {}
+
+        def on_trial(trial_id: str, event: str, result: dict | None) -> None:
+            result = result or {}
+            loss = f"eval_loss {result['eval_loss']:.4f} at step {result.get('step')}" if "eval_loss" in result else ""
+            line = {"result": loss, "complete": f"done, {loss}", "error": "failed"}[event]
+            if line and seen.get(trial_id) != line:
+                seen[trial_id] = line
+                console.print(f"  {trial_id}: {line}", highlight=False)
+
+        with (
+            command_run(loaded, "tune", output=loaded.tune.output) as tracked,
+            console.status("searching…") as status,
+        ):
+            for source in loaded.train.data:
+                data_dir = resolve_data_dir(source.path)
+                tracked.dataset(data_dir, data_fingerprint(data_dir), name=source.tag or "curated", context="training")
+            result = run_search(loaded, progress=status.update, tracked=tracked, on_trial=on_trial)
+            if result.best:
+                tracked.metrics({"best_eval_loss": result.best["eval_loss"]})
+            tracked.artifact(f"{result.output}/trials.csv")
+            tracked.artifact(f"{result.output}/best.json")
+    except (SpecError, TrainDataError, RayConnectError) as err:
+        fail(str(err))
+    except TuneError as err:
+        fail(f"the search failed: {_first_line_of_cause(err)}", code=1)
+    console.print(trials_table(result))
+    where = f"trials: [bold]{result.output}/trials.csv[/]   best: {result.output}/best.json"
+    if result.best and result.best.get("model_dir"):
+        where += f"   best model: {result.best['model_dir']}"
+    console.print(where, highlight=False, soft_wrap=True)
