@@ -1,0 +1,62 @@
+"""`chatforge tune`'s search on a 2-CPU Ray: pipelines/tune.yaml's four trials of the scratch GPT, two at a time."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from chatforge.config import load_spec
+from chatforge.tune.search import run_search
+from helpers.train_data import write_curated
+
+# Known defect: the search runs its first two trials, then the next trials' worker groups never start ("worker
+# group startup timed out after 60 s waiting for 1 workers"), as if the finished trials' CPUs stayed reserved.
+# Skipped until that is fixed, so that `make test` does not hang on it.
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skip(reason="trials after the first two never get their workers (known defect, issue 23)"),
+]
+
+
+@pytest.fixture(scope="module")
+def searched(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    data = write_curated(root / "curated", n_train=240, n_val=32)
+    spec = load_spec(
+        "pipelines/tune.yaml",
+        [
+            f"train.data=[{{path: '{data}'}}]",
+            f"tune.output={root / 'out'}",
+            "tracking.enabled=false",
+            # ranges wide apart, so that ASHA has a trial to stop at its first rung
+            "tune.space={train.lr: {loguniform: [1.0e-5, 3.0e-2]}, train.weight_decay: {choice: [0.0, 0.1]}}",
+            "train.max_steps=20",
+            "train.eval_every=5",
+        ],
+    )
+    return spec, run_search(spec)
+
+
+def test_every_trial_is_reported_and_asha_stops_at_least_one(searched):
+    spec, result = searched
+    assert len(result.trials) == spec.tune.num_samples
+    statuses = [t["status"] for t in result.trials]
+    assert "error" not in statuses, [t["error"] for t in result.trials]
+    assert "stopped" in statuses, [(t["config"], t["steps"], t["eval_loss"]) for t in result.trials]
+    assert any(t["steps"] < spec.train.max_steps for t in result.trials)
+    with open(f"{result.output}/trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == spec.tune.num_samples and {"train.lr", "eval_loss", "steps", "status"} <= set(rows[0])
+
+
+def test_best_json_names_the_trial_with_the_lowest_eval_loss_and_its_model(searched):
+    _, result = searched
+    best = json.loads(Path(result.output, "best.json").read_text())
+    lowest = min((t for t in result.trials if t["eval_loss"] is not None), key=lambda t: t["eval_loss"])
+    assert best["trial_id"] == lowest["trial_id"] and best["eval_loss"] == pytest.approx(lowest["eval_loss"])
+    assert best["config"]["train.lr"] == pytest.approx(lowest["config"]["train.lr"])
+    assert best["model_dir"] and Path(best["model_dir"], "config.json").is_file()
