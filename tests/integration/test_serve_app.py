@@ -411,7 +411,7 @@ def test_api_docs_need_a_key(served):
 def test_serve_bind_host_is_read_from_serve(served):
     """Canary of compat.serve_http_host: it reads Ray internals; if an upgrade changes them, this fails (and
     anonymous serving is refused) rather than anything guessing loopback."""
-    from chatforge.serve.compat import serve_http_host
+    from chatforge.compat import serve_http_host
 
     assert serve_http_host() == "127.0.0.1"
 

@@ -27,6 +27,12 @@ def _split_data_option(item: str) -> tuple[str, float, str | None]:
     return item, 1.0, None
 
 
+DataOption = Annotated[
+    list[str] | None,
+    typer.Option("--data", "-d", help="curated data/ dir, as DIR[:WEIGHT[:TAG]] (repeatable); replaces train.data"),
+]
+
+
 def _data_sources(items: list[str]) -> list[TrainDataSpec]:
     """``--data DIR[:WEIGHT[:TAG]]`` -> dataset specs."""
     sources = []
@@ -132,10 +138,7 @@ def training_progress(max_steps: int):
 def train(
     spec: Annotated[Path, typer.Argument(help="training spec (YAML), e.g. pipelines/finetune-zero2.yaml")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
-    data: Annotated[
-        list[str] | None,
-        typer.Option("--data", "-d", help="curated data/ dir, as DIR[:WEIGHT[:TAG]] (repeatable); replaces train.data"),
-    ] = None,
+    data: DataOption = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="output directory")] = None,
 ) -> None:
     """Fine-tune a chat model on curated data with Ray Train + DeepSpeed; writes OUTPUT/model and metrics."""

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from chatforge.cli.common import console, fail, load_with_flags
-from chatforge.cli.train import _data_sources, _first_line_of_cause
+from chatforge.cli.train import DataOption, _data_sources, _first_line_of_cause
 from chatforge.config import SpecError
 
 
@@ -41,10 +41,7 @@ def _short(value) -> str:
 def tune(
     spec: Annotated[Path, typer.Argument(help="search spec (YAML) with a tune section, e.g. pipelines/tune.yaml")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
-    data: Annotated[
-        list[str] | None,
-        typer.Option("--data", "-d", help="curated data/ dir, as DIR[:WEIGHT[:TAG]] (repeatable); replaces train.data"),
-    ] = None,
+    data: DataOption = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="output directory")] = None,
 ) -> None:
     """Search training hyperparameters on Ray Tune (ASHA on eval_loss); writes OUTPUT/trials.csv and best.json."""

@@ -144,8 +144,8 @@ class ChatIngress:
         """``key_digests``: the API keys' SHA-256 hex digests, read where ``build_app`` ran (see auth.py);
         ``user_hash_key``: hex of the key the store hashes ``user`` with, the same for every replica (None: one
         of this replica's own)."""
+        from chatforge.compat import serve_http_host
         from chatforge.serve.auth import ApiKeys, check_access
-        from chatforge.serve.compat import serve_http_host
         from chatforge.serve.feedback import FeedbackStore, StoreWriter
         from chatforge.serve.guard import Guard
         from chatforge.serve.metrics import ServeMetrics
@@ -625,8 +625,8 @@ def build_app(args: dict[str, Any]) -> Application:
     keys unless ``auth.anonymous`` is set and Serve binds a loopback address (checked here too, to fail early)."""
     from ray.serve.config import BackpressureConfig
 
+    from chatforge.compat import serve_http_host
     from chatforge.serve.auth import ApiKeys, check_access
-    from chatforge.serve.compat import serve_http_host
 
     spec = prepare_spec(load_serve_spec(args))
     try:
