@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,21 +35,11 @@ ADAPTER_DIR = "adapter"  # LoRA runs: the adapter alone
 # ---------------------------------------------------------------- the process group
 
 
-def skip_deepspeed_shm_op() -> None:
-    """Replace DeepSpeed's build of its shared-memory comm op (``deepspeed.comm.torch.build_shm_op``) with a no-op.
-
-    On CPU DeepSpeed JIT-builds that op when it initialises the process group, and fails hard without a C++ compiler;
-    without the op the collectives are plain gloo, with the same results. Patched on the module found in
-    ``sys.modules``, so only a DeepSpeed that has already imported it is touched.
-    """
-    module = sys.modules.get("deepspeed.comm.torch")
-    if module is not None and hasattr(module, "build_shm_op"):
-        module.build_shm_op = lambda: None
-
-
 def init_distributed(use_gpu: bool) -> None:
     """Join the process group the launcher describes (Ray Train or torchrun set its environment): nccl or gloo."""
     import deepspeed
+
+    from chatforge.compat import skip_deepspeed_shm_op
 
     if not use_gpu and shutil.which("c++") is None:
         skip_deepspeed_shm_op()

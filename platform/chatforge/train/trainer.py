@@ -43,12 +43,13 @@ from chatforge.train.worker import train_loop_per_worker
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
-# Data preparation lives in chatforge.train.data; the CLI and chatforge.tune import its entry points from here too.
+# Data preparation lives in chatforge.train.data; the CLI and chatforge.tune import its names from here too.
 __all__ = [
     "PreparedData",
     "TrainDataError",
     "TrainingResult",
     "build_trainer",
+    "data_fingerprint",
     "export_dirs",
     "prepare_training_data",
     "presplit_data_config",
