@@ -16,7 +16,6 @@ import json
 import math
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +28,7 @@ from chatforge.eval.generate import build_rows, generate
 from chatforge.eval.metrics import bias_summary, toxicity_summary
 from chatforge.eval.prompts import Prompt, load_probes, load_prompts
 from chatforge.eval.report import render_report
+from chatforge.files import write_atomic
 
 SCHEMA = "chatforge.eval/1"
 EVAL_JSON, REPORT_HTML, GENERATIONS = "eval.json", "report.html", "generations.jsonl"
@@ -172,20 +172,6 @@ def _jsonable(value):
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
-
-
-def write_atomic(path: str, text: str) -> None:
-    """``text`` to ``path`` through a temporary file in the same dir and a rename: all of it or none of it."""
-    staging = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(staging, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
 
 
 def _generation_lines(label: str, rows: list[dict]) -> list[str]:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import chatforge
 from chatforge.config import Spec, resolved
+from chatforge.files import write_atomic
 from chatforge.train.data import (
     PreparedData,
     TrainDataError,
@@ -229,6 +230,5 @@ def run_training(
         "chatforge_version": chatforge.__version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    with open(os.path.join(output, "training.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    write_atomic(os.path.join(output, "training.json"), json.dumps(summary, indent=2))
     return TrainingResult(output=output, summary=summary)

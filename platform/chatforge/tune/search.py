@@ -13,10 +13,10 @@ OUTPUT/search/       Ray Tune's experiment dir (what `tune.resume: true` restore
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from ray.tune import Callback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from chatforge.config import Spec
+from chatforge.files import write_atomic
 from chatforge.tracking import TrackedRun, tracking_uri
 from chatforge.tune.space import check_space, param_space, trial_spec
 
@@ -221,24 +222,14 @@ def _export_best(best: dict[str, Any], output: str) -> dict[str, Any]:
 
 def _write_csv(path: str, spec: Spec, trials: list[dict[str, Any]]) -> None:
     keys = sorted(spec.tune.space)
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, newline="", suffix=".tmp") as f:
-        writer = csv.writer(f)
-        writer.writerow(["trial_id", *keys, METRIC, "steps", "status", "error"])
-        for t in trials:
-            writer.writerow(
-                [
-                    t["trial_id"],
-                    *(t["config"].get(k) for k in keys),
-                    t[METRIC],
-                    t["steps"],
-                    t["status"],
-                    t["error"] or "",
-                ]
-            )
-    os.replace(f.name, path)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["trial_id", *keys, METRIC, "steps", "status", "error"])
+    for t in trials:
+        values = (t["config"].get(k) for k in keys)
+        writer.writerow([t["trial_id"], *values, t[METRIC], t["steps"], t["status"], t["error"] or ""])
+    write_atomic(path, out.getvalue())
 
 
 def _write_json(path: str, value: Any) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
-        json.dump(value, f, indent=2, default=str)
-    os.replace(f.name, path)
+    write_atomic(path, json.dumps(value, indent=2, default=str))
