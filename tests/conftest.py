@@ -47,6 +47,17 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_with_dashboard():
+    """A 2-CPU local Ray with its dashboard (the state API, which Tune's stopped trials need) on 127.0.0.1."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
 # ---------------------------------------------------------------- PostgreSQL
 
 

@@ -50,7 +50,7 @@ def tune(
     from chatforge.runtime import RayConnectError, init_ray
     from chatforge.tracking import command_run
     from chatforge.train.trainer import TrainDataError, data_fingerprint, resolve_data_dir
-    from chatforge.tune.search import run_search
+    from chatforge.tune.search import StateApiMissing, run_search
     from chatforge.tune.space import check_space
 
     try:
@@ -83,7 +83,7 @@ def tune(
                 tracked.metrics({"best_eval_loss": result.best["eval_loss"]})
             tracked.artifact(f"{result.output}/trials.csv")
             tracked.artifact(f"{result.output}/best.json")
-    except (SpecError, TrainDataError, RayConnectError) as err:
+    except (SpecError, TrainDataError, RayConnectError, StateApiMissing) as err:
         fail(str(err))
     except TuneError as err:
         fail(f"the search failed: {_first_line_of_cause(err)}", code=1)

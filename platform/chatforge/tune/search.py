@@ -33,6 +33,10 @@ SEARCH_DIR = "search"
 TRIAL_HEAD_CPUS = 0.01  # the trial function only waits on its trainer; its workers hold the CPUs
 
 
+class StateApiMissing(RuntimeError):
+    """Ray runs without its state API (the dashboard), which Ray Train needs to free a stopped trial's workers."""
+
+
 @dataclass
 class SearchResult:
     output: str
@@ -78,6 +82,7 @@ def run_search(spec: Spec, progress=None, tracked: TrackedRun | None = None, on_
 
     say = progress or (lambda message: None)
     check_space(spec)
+    require_state_api()
     output = os.path.abspath(spec.tune.output)
     search_dir = os.path.join(output, SEARCH_DIR)
     os.makedirs(output, exist_ok=True)
@@ -133,6 +138,25 @@ def run_search(spec: Spec, progress=None, tracked: TrackedRun | None = None, on_
         best = _export_best(best, output)
     _write_json(os.path.join(output, "best.json"), best)
     return SearchResult(output=output, trials=trials, best=best)
+
+
+def require_state_api(timeout_s: float = 10.0) -> None:
+    """Raise `StateApiMissing` unless Ray's state API answers.
+
+    When ASHA stops a trial, Tune ends the trial's actor and, with it, the Ray Train controller it started; the
+    controller's worker group placement group is then removed by Ray Train's detached cleaner, which learns of the
+    controller's death through the state API (the dashboard's). Without it the cleaner waits forever, the stopped
+    trials' CPUs stay reserved, and every later trial's workers wait for CPUs that never come free."""
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=timeout_s, raise_on_missing_output=False)
+    except Exception as err:
+        raise StateApiMissing(
+            "Ray's state API does not answer, so a trial that ASHA stops would keep its CPUs reserved and the "
+            "search would stall: start Ray with its dashboard (`ray start --head` includes it; `ray.init()` needs "
+            f"`ray[default]` and include_dashboard left on) ({type(err).__name__}: {err})"
+        ) from err
 
 
 def _trial(config: dict[str, Any], spec: Spec, prepared, data_config) -> None:
