@@ -19,6 +19,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_num_workers_soft_limit", "4")  # as chatforge.runtime.init_ray sets for 2 CPUs
+# every command tracks by default: the tests' runs go to a store of their own, not the checkout's runs/mlflow.db
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='chatforge-mlflow-')}/mlflow.db")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -125,6 +125,26 @@ class TrackedRun:
             client.set_tag(self.run_id, key, str(value))
 
 
+class RunMetrics:
+    """A `chatforge.train.metrics.MetricsLogger` that sends each row to the command's MLflow run, from rank 0.
+
+    Logging goes from the worker that has the rows, as it trains, so the run's curves grow while it runs (Ray's
+    ``setup_mlflow`` would open a second run; this one writes to the command's own). A tracking store that fails
+    costs a warning and the rest of the curve, never the training."""
+
+    def __init__(self, run: TrackedRun) -> None:
+        self.run, self.failed = run, False
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.failed:
+            return
+        try:
+            self.run.metrics(metrics, step)
+        except Exception as err:  # the store is down or refuses: training goes on without it
+            self.failed = True
+            log.warning("MLflow logging stopped at step %d (%s: %s); training goes on", step, type(err).__name__, err)
+
+
 def _metric(key: str, value: float, step: int | None):
     from mlflow.entities import Metric
 

@@ -60,6 +60,14 @@ def test_curate_openai_jsonl_with_bad_lines(tmp_path):
     }
     assert "malformed:unknown_role" in result.stderr  # the summary table names the reasons
     assert (out / "manifest.json").exists() and list((out / "dropped").glob("*.parquet"))
+    # the command's MLflow run: named in the manifest, with the counts, the manifest and the source as an input
+    import mlflow
+
+    run = mlflow.MlflowClient(ENV["MLFLOW_TRACKING_URI"]).get_run(manifest["tracking"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["chatforge.command"] == "curate"
+    assert run.data.metrics["kept"] == 40 and run.data.metrics["dropped.malformed:invalid_json"] == 2
+    assert run.data.tags["chatforge.data_fingerprint.output"] == manifest["fingerprint"]
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["logs"]
 
 
 def test_curate_bad_spec_key_is_a_clear_error(tmp_path):

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from test_cli_curate import chatforge
+from test_cli_curate import ENV, chatforge
 
 from helpers.train_data import TINY_TRAINING, write_curated
 
@@ -34,6 +34,17 @@ def test_train_command_end_to_end(tmp_path):
     assert summary["config"]["train"]["data"] == [{"path": str(data), "weight": 1.0, "tag": "chat"}]
     assert (out / "model" / "model.safetensors").exists()
     assert (out / "metrics.jsonl").read_text().count("\n") >= 3
+    # the command's MLflow run: rank 0 logged each step's loss as it trained; the data is an input by fingerprint
+    import mlflow
+
+    client = mlflow.MlflowClient(ENV["MLFLOW_TRACKING_URI"])
+    run = client.get_run(summary["tracking"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["chatforge.command"] == "train"
+    logged = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert logged == {row["step"] for row in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in row}
+    assert run.data.metrics["final.step"] == 6
+    [data_input] = run.inputs.dataset_inputs
+    assert data_input.dataset.name == "chat" and data_input.dataset.digest == summary["fingerprint"][:36]
 
 
 def test_train_without_val_split_is_a_clear_error(tmp_path):

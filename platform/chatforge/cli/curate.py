@@ -63,6 +63,33 @@ def curation_table(manifest: dict) -> Table:
     return table
 
 
+def manifest_metrics(manifest: dict) -> dict[str, float]:
+    """A manifest's counts as flat MLflow metrics: records, drops and repairs by reason, splits, seconds."""
+    metrics = {"input_records": manifest["input_records"], "kept": manifest["kept"]}
+    metrics |= {f"dropped.{reason}": n for reason, n in manifest["dropped"].items()}
+    metrics |= {f"repaired.{kind}": n for kind, n in manifest.get("repaired", {}).items()}
+    metrics |= {f"split.{name}": n for name, n in manifest["splits"].items()}
+    metrics |= {f"pii.{kind}": n for kind, n in manifest["pii_replacements"].items()}
+    return metrics | {"wall_seconds": manifest["wall_seconds"]}
+
+
+def track_curation(tracked, result) -> None:
+    """The curation's MLflow run: its counts, the manifest, each source as a dataset input, and the fingerprint of
+    what it wrote (the tag a training run's lineage is traced back by)."""
+    import os
+
+    from chatforge.tracking import FINGERPRINT_TAG
+
+    manifest = result.manifest
+    tracked.metrics(manifest_metrics(manifest))
+    tracked.artifact(os.path.join(result.output, "manifest.json"))
+    for source in manifest["sources"]:
+        if source["files"]:
+            where = source["files"][0] if len(source["files"]) == 1 else os.path.commonpath(source["files"])
+            tracked.dataset(where, manifest["fingerprint"], name=source["name"], context="source")
+    tracked.tags({f"{FINGERPRINT_TAG}.output": manifest["fingerprint"]})
+
+
 def curate(
     spec: Annotated[Path, typer.Argument(help="curation spec (YAML), e.g. pipelines/curate.yaml")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
@@ -80,6 +107,7 @@ def curate(
     from chatforge.data.pipeline import AccountingError, run_curation
     from chatforge.data.sources import SourceError, list_files
     from chatforge.runtime import RayConnectError, init_ray
+    from chatforge.tracking import command_run
 
     try:
         loaded = load_with_flags(spec, overrides, "curate.output", output)
@@ -89,8 +117,10 @@ def curate(
         for source in loaded.curate.sources:
             list_files(source)  # a missing input fails here, before Ray starts
         init_ray(loaded.ray)
-        with console.status("curating with Ray Data…"):
-            result = run_curation(loaded)
+        with command_run(loaded, "curate", output=loaded.curate.output) as tracked:
+            with console.status("curating with Ray Data…"):
+                result = run_curation(loaded, tracking=tracked.record())
+            track_curation(tracked, result)
     except (SpecError, SourceError, RayConnectError) as err:
         fail(str(err))
     except AccountingError as err:  # a defect, not bad input: the previous output stays in place

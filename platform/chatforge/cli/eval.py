@@ -68,7 +68,13 @@ def eval(  # noqa: A001  (the command's name)
             console.status("evaluating…") as status,
         ):
             result = run_evaluation(
-                loaded, model, baseline_dir=baseline, data_dir=data, output_dir=output, progress=status.update
+                loaded,
+                model,
+                baseline_dir=baseline,
+                data_dir=data,
+                output_dir=output,
+                progress=status.update,
+                tracking=tracked.record(),
             )
             tracked.tags({"chatforge.model_dir": str(Path(model).resolve())})
             tracked.metrics(

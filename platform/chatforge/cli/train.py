@@ -135,6 +135,32 @@ def training_progress(max_steps: int):
         yield (lambda message: bar.update(task, description=message)), on_report
 
 
+def track_training_data(tracked, spec) -> None:
+    """Each training dataset as an input of the run, its digest the curation fingerprint; the combined fingerprint
+    as the tag that a curation run is traced back by (`chatforge lineage`)."""
+    from chatforge.tracking import FINGERPRINT_TAG
+    from chatforge.train.data import combined_fingerprint, data_fingerprint, resolve_data_dir
+
+    fingerprints = []
+    for number, source in enumerate(spec.train.data):
+        data_dir = resolve_data_dir(source.path)
+        fingerprints.append(data_fingerprint(data_dir))
+        name = source.tag or f"data{number}"
+        tracked.dataset(data_dir, fingerprints[-1], name=name, context=f"training.{name}")
+    if combined_fingerprint(fingerprints):
+        tracked.tags({f"{FINGERPRINT_TAG}.training": combined_fingerprint(fingerprints)})
+
+
+def track_training(tracked, result) -> None:
+    """The final metrics (rank 0 logged each step's as it trained) and training.json and metrics.jsonl."""
+    import os
+
+    final = result.summary["final_metrics"] or {}
+    tracked.metrics({f"final.{k}": v for k, v in final.items()} | {"wall_seconds": result.summary["wall_seconds"]})
+    tracked.artifact(os.path.join(result.output, "training.json"))
+    tracked.artifact(os.path.join(result.output, "metrics.jsonl"))
+
+
 def train(
     spec: Annotated[Path, typer.Argument(help="training spec (YAML), e.g. pipelines/finetune-zero2.yaml")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
@@ -145,6 +171,7 @@ def train(
     from ray.train import TrainingFailedError
 
     from chatforge.runtime import RayConnectError, init_ray
+    from chatforge.tracking import command_run
     from chatforge.train.trainer import TrainDataError, resolve_data_dir, run_training
 
     try:
@@ -154,8 +181,11 @@ def train(
         for source in loaded.train.data:
             resolve_data_dir(source.path)  # bad data fails here, before Ray starts
         init_ray(loaded.ray, idle_workers_per_cpu=0)
-        with training_progress(loaded.train.max_steps) as (phase, on_report):
-            result = run_training(loaded, progress=phase, on_report=on_report)
+        with command_run(loaded, "train", output=loaded.train.output) as tracked:
+            track_training_data(tracked, loaded)
+            with training_progress(loaded.train.max_steps) as (phase, on_report):
+                result = run_training(loaded, progress=phase, on_report=on_report, tracked=tracked)
+            track_training(tracked, result)
     except (SpecError, TrainDataError, RayConnectError) as err:
         fail(str(err))
     except TrainingFailedError as err:  # the workers' own error, after Ray Train's retries (scaling.max_failures)

@@ -323,8 +323,10 @@ def staging_dir(output: str, run_id: str) -> str:
     return os.path.join(parent, f".{name}.staging-{run_id}")
 
 
-def run_curation(spec: Spec) -> CurationResult:
+def run_curation(spec: Spec, tracking: dict[str, Any] | None = None) -> CurationResult:
     """Curate per ``spec.curate`` into ``spec.curate.output``; Ray must already be initialised.
+
+    ``tracking``: the command's MLflow run (`TrackedRun.record`), written into the manifest so the files name it.
 
     Everything is written beside OUTPUT first (`staging_dir`) and moved into place once the counts check out
     (`check_accounting`); a run that fails raises, leaves OUTPUT as it was, and removes what it staged.
@@ -365,6 +367,7 @@ def run_curation(spec: Spec) -> CurationResult:
             ],
             "config": resolved(curate),
             "fingerprint": fingerprint,
+            "tracking": tracking,
             "chatforge_version": chatforge.__version__,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }

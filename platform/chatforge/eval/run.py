@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import chatforge
 from chatforge.config import EvalSpec, Spec, resolved
@@ -193,11 +194,13 @@ def run_evaluation(
     data_dir: str | None = None,
     output_dir: str | None = None,
     progress=None,
+    tracking: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Evaluate ``model_dir`` (and ``baseline_dir``) per ``spec.eval``; write eval.json, generations.jsonl and
     report.html into ``output_dir`` (default ``spec.eval.output``). Starts a local Ray per ``spec.ray`` unless this
     process has one. ``data_dir`` (default ``spec.eval.data``) holds the test split; without one, perplexity is not
-    measured. ``progress(message)`` hears each phase."""
+    measured. ``progress(message)`` hears each phase; ``tracking`` (`TrackedRun.record`) names the command's MLflow
+    run in eval.json."""
     from chatforge.runtime import init_ray
 
     say = progress or (lambda message: None)
@@ -251,6 +254,7 @@ def run_evaluation(
         "chatforge_version": chatforge.__version__,
         "data_dir": data,
         "split": evals.split,
+        "tracking": tracking,
         **candidate,
         "most_toxic": most_toxic([r for r in answers[model_dir] if r["axis"] is None]),
         "samples": explained,

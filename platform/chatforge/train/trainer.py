@@ -44,6 +44,8 @@ from chatforge.train.worker import train_loop_per_worker
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
+    from chatforge.tracking import TrackedRun
+
 # Data preparation lives in chatforge.train.data; the CLI and chatforge.tune import its names from here too.
 __all__ = [
     "PreparedData",
@@ -142,12 +144,14 @@ def build_trainer(
     run_config,
     step_callbacks: Sequence[StepCallback] = (),
     data_config=None,
+    tracked: TrackedRun | None = None,
 ) -> TorchTrainer:
     """The Ray Train `TorchTrainer` of ``spec`` on ``prepared`` data: what `chatforge train` fits, and each trial of
     `chatforge tune`. ``run_config`` names where checkpoints go and the callbacks; its failure config is the spec's.
     ``step_callbacks`` run in every worker's loop after each step (`chatforge.train.loop.StepCallback`).
     ``data_config``: the train set's shards, cut before (`presplit_data_config`); cut here when None, which needs
-    free CPUs for the split's tasks (so a Tune trial, whose neighbours hold the CPUs, gets them cut in the driver)."""
+    free CPUs for the split's tasks (so a Tune trial, whose neighbours hold the CPUs, gets them cut in the driver).
+    ``tracked``: the command's MLflow run, to which rank 0 logs each metrics row as it trains."""
     from ray.train import FailureConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -161,6 +165,7 @@ def build_trainer(
             "domains": prepared.domains,
             "trainable_token_ids": _added_token_ids(spec, prepared.tokenizer),
             "step_callbacks": list(step_callbacks),
+            "tracked": tracked if tracked is not None and tracked.enabled else None,
         },
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
@@ -175,12 +180,17 @@ def build_trainer(
 
 
 def run_training(
-    spec: Spec, progress=None, on_report=None, step_callbacks: Sequence[StepCallback] = ()
+    spec: Spec,
+    progress=None,
+    on_report=None,
+    step_callbacks: Sequence[StepCallback] = (),
+    tracked: TrackedRun | None = None,
 ) -> TrainingResult:
     """Train per ``spec`` into ``spec.train.output``; Ray must already be initialised.
 
     ``progress(message)`` hears each phase; ``on_report(metrics)`` each of rank 0's reports while training runs
     (step, loss, lr, tokens_per_s, eval_loss), in a driver thread. ``step_callbacks``: see `build_trainer`.
+    ``tracked``: the command's MLflow run; it gets the metrics per step, and training.json names it.
     """
     import ray.data
     from ray.train import CheckpointConfig, RunConfig
@@ -204,7 +214,7 @@ def run_training(
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             callbacks=callbacks,
         )
-        trainer = build_trainer(spec, prepared, run_config, step_callbacks)
+        trainer = build_trainer(spec, prepared, run_config, step_callbacks, tracked=tracked)
         say(f"training on {spec.scaling.num_workers} workers (ZeRO-{spec.deepspeed.zero_stage}, {spec.method})")
         context = ray.data.DataContext.get_current()
         bars, context.enable_progress_bars = context.enable_progress_bars, False  # workers' data bars are noise in logs
@@ -226,6 +236,7 @@ def run_training(
         "fingerprint": combined_fingerprint(fingerprints),
         "data_fingerprints": fingerprints,
         "wall_seconds": round(time.perf_counter() - started, 3),
+        "tracking": tracked.record() if tracked is not None else None,
         "config": resolved(spec),
         "chatforge_version": chatforge.__version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -86,7 +86,8 @@ def final_metrics(engine: TrainEngine, state: LoopState, history: MetricsHistory
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """``config``: the resolved ``spec``, the ``tokenizer``, the ``domains`` (a name per dataset), the
-    ``trainable_token_ids`` (LoRA) and ``step_callbacks`` (`StepCallback`s, called before each step's report)."""
+    ``trainable_token_ids`` (LoRA), ``step_callbacks`` (`StepCallback`s, called before each step's report) and
+    ``tracked`` (the command's MLflow run, or None)."""
     import ray.data
     import ray.train
 
@@ -121,7 +122,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     reports = TrainReports(engine, history, lora=spec.method == "lora")
     callbacks = [*config.get("step_callbacks", ()), reports]
-    run_steps(engine, batches, state, settings, val_batches, Loggers(history, reports), callbacks, config["domains"])
+    loggers = Loggers(history, reports)
+    if config.get("tracked") is not None and engine.rank == 0:
+        from chatforge.tracking import RunMetrics
+
+        loggers = Loggers(history, reports, RunMetrics(config["tracked"]))
+    run_steps(engine, batches, state, settings, val_batches, loggers, callbacks, config["domains"])
 
     reports.report_checkpoint(
         state,
