@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -32,11 +33,19 @@ def searched(ray_with_dashboard, tmp_path_factory):
             "train.eval_every=5",
         ],
     )
-    return spec, run_search(spec)
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()  # the CLI's function holds a console, and a console holds locks: Tune must not pickle it
+
+    def on_trial(trial_id: str, event: str, result: dict | None) -> None:
+        with lock:
+            events.append((trial_id, event))
+
+    result = run_search(spec, on_trial=on_trial)
+    return spec, result, events
 
 
 def test_every_trial_is_reported_and_asha_stops_at_least_one(searched):
-    spec, result = searched
+    spec, result, events = searched
     assert len(result.trials) == spec.tune.num_samples
     statuses = [t["status"] for t in result.trials]
     assert "error" not in statuses, [t["error"] for t in result.trials]
@@ -48,9 +57,16 @@ def test_every_trial_is_reported_and_asha_stops_at_least_one(searched):
 
 
 def test_best_json_names_the_trial_with_the_lowest_eval_loss_and_its_model(searched):
-    _, result = searched
+    _, result, _ = searched
     best = json.loads(Path(result.output, "best.json").read_text())
     lowest = min((t for t in result.trials if t["eval_loss"] is not None), key=lambda t: t["eval_loss"])
     assert best["trial_id"] == lowest["trial_id"] and best["eval_loss"] == pytest.approx(lowest["eval_loss"])
     assert best["config"]["train.lr"] == pytest.approx(lowest["config"]["train.lr"])
     assert best["model_dir"] and Path(best["model_dir"], "config.json").is_file()
+
+
+def test_the_driver_hears_each_trials_evaluations_and_its_end(searched):
+    _, result, events = searched
+    ids = {t["trial_id"] for t in result.trials}
+    ended = {trial for trial, event in events if event in ("complete", "error")}
+    assert {trial for trial, event in events if event == "result"} and ended == ids

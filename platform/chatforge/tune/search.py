@@ -54,10 +54,16 @@ class EvalReports(TuneReportCallback):
 
 
 class TrialEvents(Callback):
-    """Hands each trial's results and end to a function in the driver (the CLI's live table)."""
+    """Hands each trial's results and end to a function in the driver (the CLI's live table).
+
+    Tune pickles its callbacks with the experiment's state; the function (which may hold a console and its locks)
+    stays out of the pickle, so a restored search reports to nothing until it is given a new one."""
 
     def __init__(self, on_trial) -> None:
         self.on_trial = on_trial
+
+    def __getstate__(self) -> dict:
+        return {"on_trial": lambda *event: None}
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self.on_trial(trial.trial_id, "result", result)
@@ -216,7 +222,8 @@ def _trial_row(spec: Spec, result) -> dict[str, Any]:
     else:
         status = "completed"
     return {
-        "trial_id": os.path.basename(result.path),
+        # Tune's id, as the live table shows it (a trial that failed before reporting has only its dir's name)
+        "trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path),
         "config": dict(result.config),
         METRIC: min(losses) if losses else None,
         "steps": step,
