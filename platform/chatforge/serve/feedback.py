@@ -87,6 +87,19 @@ feedback = sa.Table(
     sa.Index("feedback_once_per_key", "completion_id", "key_id", unique=True),
 )
 
+# The continual loop's cycles (`chatforge.continual.watermark`): each takes the feedback rows after the last committed
+# cycle's upper id up to its own, and commits once it is done, so no row is used twice or skipped.
+loop_cycles = sa.Table(
+    "loop_cycles",
+    metadata,
+    sa.Column("cycle", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("after_feedback_id", sa.Integer, nullable=False),  # exclusive
+    sa.Column("upto_feedback_id", sa.Integer, nullable=False),  # inclusive
+    sa.Column("started", sa.Double, nullable=False),
+    sa.Column("committed", sa.Double),  # NULL while the cycle is open
+    sa.Column("record", sa.Text),  # the committed cycle's cycle.json
+)
+
 
 class UnknownCompletion(KeyError):
     """Feedback names a completion id the store has never seen, or one another API key asked for."""
@@ -647,8 +660,9 @@ class _DbapiConnection:
         return f"_DbapiConnection({safe_url(self.url)!r})"
 
 
-def feedback_query(dialect: sa.Dialect, since: float | None = None) -> str:
-    """SQL of the completions left-joined with their feedback, as text for ``dialect``."""
+def feedback_query(dialect: sa.Dialect, since: float | None = None, feedback_ids: tuple[int, int] | None = None) -> str:
+    """SQL of the completions left-joined with their feedback, as text for ``dialect``; with ``feedback_ids``
+    (after, upto), only the rated completions whose feedback id is above ``after`` and at most ``upto``."""
     query = (
         sa.select(
             completions.c.id.label("completion_id"),
@@ -677,12 +691,18 @@ def feedback_query(dialect: sa.Dialect, since: float | None = None) -> str:
     if since is not None:
         since = float(since)
         query = query.where(sa.or_(completions.c.created >= since, feedback.c.created >= since))
+    if feedback_ids is not None:
+        after, upto = (int(i) for i in feedback_ids)
+        query = query.where(feedback.c.id > after, feedback.c.id <= upto)
     return str(query.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
 
 
-def read_feedback(url: str, since: float | None = None) -> ray.data.Dataset:
+def read_feedback(
+    url: str, since: float | None = None, feedback_ids: tuple[int, int] | None = None
+) -> ray.data.Dataset:
     """The store as a Dataset: one row per completion and feedback (completions without feedback have null
-    feedback columns). ``since`` (unix seconds) keeps rows whose completion or feedback is that new or newer.
+    feedback columns). ``since`` (unix seconds) keeps rows whose completion or feedback is that new or newer;
+    ``feedback_ids`` (after, upto) keeps the feedback rows in that id range (a continual cycle's, `Cycle`).
     Columns: completion_id, completion_created, variant, user, prompt, answer, latency_ms, prompt_tokens,
     completion_tokens, guard, guard_score, stream (0/1 on SQLite), key_id (the API key id; empty without keys),
     feedback_id, rating, correction, comment, feedback_user, feedback_created. ``user`` and ``feedback_user`` are
@@ -691,4 +711,4 @@ def read_feedback(url: str, since: float | None = None) -> ray.data.Dataset:
     import ray.data
 
     dialect = make_url(url).get_dialect()()
-    return ray.data.read_sql(feedback_query(dialect, since), _DbapiConnection(url))
+    return ray.data.read_sql(feedback_query(dialect, since, feedback_ids), _DbapiConnection(url))
