@@ -21,13 +21,13 @@ from chatforge.serve.feedback import (
     FeedbackStore,
     StoreBusy,
     StoreUnavailable,
-    StoreWriter,
     UnknownCompletion,
     hash_user,
     read_feedback,
     safe_url,
 )
 from chatforge.serve.metrics import ServeMetrics
+from chatforge.serve.writer import StoreWriter
 
 pytestmark = pytest.mark.integration
 

@@ -146,10 +146,11 @@ class ChatIngress:
         of this replica's own)."""
         from chatforge.compat import serve_http_host
         from chatforge.serve.auth import ApiKeys, check_access
-        from chatforge.serve.feedback import FeedbackStore, StoreWriter
+        from chatforge.serve.feedback import FeedbackStore
         from chatforge.serve.guard import Guard
         from chatforge.serve.metrics import ServeMetrics
         from chatforge.serve.router import Router
+        from chatforge.serve.writer import StoreWriter
 
         self.keys = ApiKeys.from_hex(key_digests)
         if not self.keys.enabled:  # checked here, in the serving process, whatever the builder checked
