@@ -6,10 +6,10 @@ comes to the driver: every round is one hash-partitioned shuffle plus a per-bloc
 one partition (`PARTITION_BYTES`) runs every round in one task instead (`settle_block`): the same per-block pass,
 without a Ray Data execution per round (~0.1-0.2 s each, most of a small graph's time).
 
-Rows of the working dataset (columns ``node, other, kind``):
-    ADJACENT  node -- other is an edge (both directions are stored)
-    MESSAGE   a neighbour's new label, ``other``, offered to ``node``
-    LABEL     ``node``'s current label ``other``: the smallest node id it has heard of
+Rows of the working dataset (columns ``node, neighbour, label, kind``; a row has a neighbour or a label):
+    ADJACENT  ``node`` -- ``neighbour`` is an edge (both directions are stored)
+    MESSAGE   a neighbour's new ``label``, offered to ``node``
+    LABEL     ``node``'s current ``label``: the smallest node id it has heard of
 
 One round: union the adjacency with last round's labels and messages, hash-partition by ``node`` (so a node's
 label, messages and edges meet in one block), and in each block set label = min(label, messages); only nodes
@@ -42,7 +42,9 @@ PARTITION_BYTES = 64 << 20
 # A round's input is the adjacency plus at most one label and one message per adjacency row.
 ONE_BLOCK_FACTOR = 3
 
-WORK_SCHEMA = pa.schema([("node", pa.string()), ("other", pa.string()), ("kind", pa.int8())])
+WORK_SCHEMA = pa.schema(
+    [("node", pa.string()), ("neighbour", pa.string()), ("label", pa.string()), ("kind", pa.int8())]
+)
 LABEL_SCHEMA = pa.schema([("node", pa.string()), ("label", pa.string())])
 
 
@@ -89,16 +91,19 @@ def block_refs(ds: Dataset) -> list:
     ]
 
 
-def _work_rows(node, other, kind: int) -> pa.Table:
+def _work_rows(kind: int, node, neighbour=None, label=None) -> pa.Table:
+    """Rows of one ``kind``: ADJACENT rows carry a ``neighbour``, MESSAGE and LABEL rows a ``label``."""
+    nulls = pa.nulls(len(node), pa.string())
+    columns = [node, nulls if neighbour is None else neighbour, nulls if label is None else label]
     kinds = pa.array([kind] * len(node), pa.int8())
-    return pa.table([pc.cast(node, pa.string()), pc.cast(other, pa.string()), kinds], schema=WORK_SCHEMA)
+    return pa.table([*(pc.cast(c, pa.string()) for c in columns), kinds], schema=WORK_SCHEMA)
 
 
 def adjacency_rows(edges: pa.Table) -> pa.Table:
     """Edges ``src, dst`` as ADJACENT rows in both directions (self-loops dropped)."""
     edges = edges.filter(pc.not_equal(edges["src"], edges["dst"]))
-    forward = _work_rows(edges["src"], edges["dst"], ADJACENT)
-    return pa.concat_tables([forward, _work_rows(edges["dst"], edges["src"], ADJACENT)])
+    forward = _work_rows(ADJACENT, edges["src"], neighbour=edges["dst"])
+    return pa.concat_tables([forward, _work_rows(ADJACENT, edges["dst"], neighbour=edges["src"])])
 
 
 def propagate_labels(block: pa.Table) -> pa.Table:
@@ -111,12 +116,19 @@ def propagate_labels(block: pa.Table) -> pa.Table:
     adjacency = block.filter(pc.equal(kind, ADJACENT))
     previous = block.filter(pc.equal(kind, LABEL))
     is_new = pc.invert(pc.is_in(adjacency["node"], value_set=previous["node"]))
-    offers = pa.concat_tables([block.filter(pc.equal(kind, MESSAGE)), adjacency.filter(is_new)])
-    best_offer = offers.group_by("node").aggregate([("other", "min")])
+    messages = block.filter(pc.equal(kind, MESSAGE))
+    first_round = adjacency.filter(is_new)  # a new node's neighbours offer their own ids
+    offers = pa.table(
+        {
+            "node": pa.concat_arrays([messages["node"].combine_chunks(), first_round["node"].combine_chunks()]),
+            "label": pa.concat_arrays([messages["label"].combine_chunks(), first_round["neighbour"].combine_chunks()]),
+        }
+    )
+    best_offer = offers.group_by("node").aggregate([("label", "min")])
 
     nodes = pc.unique(block["node"])
-    previous_label = previous["other"].take(pc.index_in(nodes, value_set=previous["node"]))
-    offered = best_offer["other_min"].take(pc.index_in(nodes, value_set=best_offer["node"]))
+    previous_label = previous["label"].take(pc.index_in(nodes, value_set=previous["node"]))
+    offered = best_offer["label_min"].take(pc.index_in(nodes, value_set=best_offer["node"]))
     current = pc.coalesce(previous_label, nodes)
     label = pc.min_element_wise(current, offered)  # a null offer (none received) is skipped
     changed = pc.or_(pc.is_null(previous_label), pc.not_equal(label, current))
@@ -124,7 +136,9 @@ def propagate_labels(block: pa.Table) -> pa.Table:
     senders = nodes.filter(changed)
     outgoing = adjacency.filter(pc.is_in(adjacency["node"], value_set=senders))
     sent_label = label.filter(changed).take(pc.index_in(outgoing["node"], value_set=senders))
-    return pa.concat_tables([_work_rows(nodes, label, LABEL), _work_rows(outgoing["other"], sent_label, MESSAGE)])
+    return pa.concat_tables(
+        [_work_rows(LABEL, nodes, label=label), _work_rows(MESSAGE, outgoing["neighbour"], label=sent_label)]
+    )
 
 
 def settle_block(adjacency: pa.Table, max_iterations: int) -> tuple[pa.Table, int, bool]:
@@ -142,7 +156,7 @@ def settle_block(adjacency: pa.Table, max_iterations: int) -> tuple[pa.Table, in
 def label_rows(state: pa.Table) -> pa.Table:
     """A round's rows -> the nodes' labels (``node, label``)."""
     labels = state.filter(pc.equal(state["kind"], LABEL))
-    return pa.table([labels["node"], labels["other"]], schema=LABEL_SCHEMA)
+    return pa.table([labels["node"], labels["label"]], schema=LABEL_SCHEMA)
 
 
 def block_components(edges: pa.Table, max_iterations: int) -> tuple[pa.Table, int, bool]:
