@@ -1,10 +1,12 @@
 """Ray Train overhead: chatforge's training on Ray Train vs the same loop under plain `torchrun`, and ZeRO memory.
 
-    .venv/bin/python benchmarks/train_overhead.py --json      # expect 15-20 minutes on 2 idle cores
+    .venv/bin/python benchmarks/train_overhead.py --json      # expect 45-60 minutes on 2 idle cores (3 pairs)
     .venv/bin/python benchmarks/train_overhead.py --steps 6 --warmup 2 --log-every 2 --n-layer 2 --n-embd 128 \
         --n-head 2 --data runs/quickstart/curated/data         # a smoke run (~4 minutes): checks, measures nothing
 
-Same model, data, ZeRO-2 config, 2 workers and step count, in one run:
+Same model, data, ZeRO-2 config, 2 workers and step count, in ``--pairs`` interleaved pairs (default 3; the
+medians and ranges of ``ratio``, steady-state tokens/s Ray over torchrun, and ``wall_ratio``, torchrun's wall time
+over Ray's, are reported, with the median pair's details and Ray's fixed cost by phase, ``ray_fixed_cost_s``):
   (a) `chatforge train` on a spec this script writes (a GPT-2 of n_layer 6, n_embd 384, 256-token rows, 8 rows per
       worker per step, ZeRO-2), through Ray Train + Ray Data; steady-state tokens/s are read from its
       OUTPUT/metrics.jsonl, where the loop logs one row every ``--log-every`` optimizer steps;
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,6 +113,27 @@ def steady_tokens_per_s(rows: list[dict], warmup: int) -> float:
     return sum(steady) / len(steady)
 
 
+def fixed_cost(wall: float, training: dict, rows: list[dict], args) -> dict[str, float]:
+    """Where a Ray run's wall time went besides its steps: the process and Ray's start (the command's wall less
+    run_training's), the tokenizer and data preparation, the fit less its steps at the steady rate (worker group
+    start, the first steps' warm-up, the final evaluation and checkpoint), and the export copy."""
+    phases = training["phases"]
+    step_s = [r["step_s"] for r in rows if "step_s" in r and r["step"] > args.warmup]
+    if step_s:
+        steady_step_s = sum(step_s) / len(step_s)
+    else:  # windows log tokens/s: a step's time is its tokens over the rate
+        tokens_per_step = args.batch_size * args.workers * args.max_length * training["data"]["packing_efficiency"]
+        steady_step_s = tokens_per_step / steady_tokens_per_s(rows, args.warmup)
+    steps_s = steady_step_s * args.steps
+    return {
+        "start_s": round(wall - training["wall_seconds"], 2),
+        "prepare_s": round(phases["prepare_s"], 2),
+        "fit_beyond_steps_s": round(phases["fit_s"] - steps_s, 2),
+        "export_s": round(phases["export_s"], 2),
+        "steps_at_steady_rate_s": round(steps_s, 2),
+    }
+
+
 def read_json(path: str):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -127,6 +151,7 @@ def main() -> None:
     parser.add_argument("--n-head", type=int, default=6)
     parser.add_argument("--max-length", type=int, default=256, help="tokens per packed row")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per worker per step")
+    parser.add_argument("--pairs", type=int, default=3, help="interleaved Ray/torchrun pairs; medians are reported")
     parser.add_argument("--skip-memory", action="store_true", help="skip the ZeRO 0 vs 3 memory runs")
     parser.add_argument("--workdir", help="keep every output here (default: a temporary dir, removed)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result line on stdout")
@@ -162,31 +187,50 @@ def benchmark(args, tmp: str) -> dict:
         yaml.safe_dump(bench_spec(args, ray_out), f, sort_keys=False)
     spec = load_spec(spec_path)  # fail here, not in a subprocess, if the spec is wrong
 
-    say(f"(a) chatforge train on Ray Train: {args.workers} workers, {args.steps} steps, ZeRO-2")
-    ray_wall = run(
-        [python, "-m", "chatforge.cli", "train", spec_path, "--data", data, "--output", ray_out],
-        os.path.join(tmp, "ray.log"),
-    )
-    training = read_json(os.path.join(ray_out, "training.json"))
-    with open(os.path.join(ray_out, "metrics.jsonl"), encoding="utf-8") as f:
-        ray_rows = [json.loads(line) for line in f if line.strip()]
-    ray_tps = steady_tokens_per_s(ray_rows, args.warmup)
-    say(f"    {ray_tps:,.0f} tokens/s steady, {ray_wall:.1f}s wall")
-
-    say(f"(b) torchrun + DeepSpeed: {args.workers} processes, the same spec")
     torchrun = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.workers}", BASELINE]
-    tokenizer = os.path.join(ray_out, "model")
-    base_result = os.path.join(tmp, "torchrun.json")
-    base_wall = run(
-        [
-            *torchrun,
-            *("--spec", spec_path, "--tokenizer", tokenizer, "--data", data, "--warmup", str(args.warmup)),
-            *("--output", base_out, "--result", base_result),
-        ],
-        os.path.join(tmp, "torchrun.log"),
-    )
-    base = read_json(base_result)
-    say(f"    {base['tokens_per_s']:,.0f} tokens/s steady, {base_wall:.1f}s wall")
+    tokenizer = os.path.join(ray_out + "1", "model")
+    pairs = []
+    for number in range(1, args.pairs + 1):
+        say(f"pair {number}/{args.pairs} (a) chatforge train on Ray Train: {args.workers} workers, {args.steps} steps")
+        out = ray_out + str(number)
+        ray_wall = run(
+            [python, "-m", "chatforge.cli", "train", spec_path, "--data", data, "--output", out],
+            os.path.join(tmp, f"ray{number}.log"),
+        )
+        training = read_json(os.path.join(out, "training.json"))
+        with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+            ray_rows = [json.loads(line) for line in f if line.strip()]
+        ray_tps = steady_tokens_per_s(ray_rows, args.warmup)
+        say(f"    {ray_tps:,.0f} tokens/s steady, {ray_wall:.1f}s wall")
+
+        say(f"pair {number}/{args.pairs} (b) torchrun + DeepSpeed: {args.workers} processes, the same spec")
+        base_result = os.path.join(tmp, f"torchrun{number}.json")
+        base_wall = run(
+            [
+                *torchrun,
+                *("--spec", spec_path, "--tokenizer", tokenizer, "--data", data, "--warmup", str(args.warmup)),
+                *("--output", base_out + str(number), "--result", base_result),
+            ],
+            os.path.join(tmp, f"torchrun{number}.log"),
+        )
+        base = read_json(base_result)
+        say(f"    {base['tokens_per_s']:,.0f} tokens/s steady, {base_wall:.1f}s wall")
+        pairs.append(
+            {
+                "ratio": ray_tps / base["tokens_per_s"],
+                "wall_ratio": base_wall / ray_wall,
+                "ray_tokens_per_s": ray_tps,
+                "torchrun_tokens_per_s": base["tokens_per_s"],
+                "ray_wall_s": ray_wall,
+                "torchrun_wall_s": base_wall,
+                "fixed_cost_s": fixed_cost(ray_wall, training, ray_rows, args),
+                "training": training,
+                "ray_rows": ray_rows,
+                "base": base,
+            }
+        )
+    middle = sorted(pairs, key=lambda p: p["ratio"])[len(pairs) // 2]  # the median pair's details are reported
+    training, ray_rows, base = middle["training"], middle["ray_rows"], middle["base"]
 
     params, trainable = training["final_metrics"]["total_params"], training["final_metrics"]["trainable_params"]
     memory = {}
@@ -222,11 +266,21 @@ def benchmark(args, tmp: str) -> dict:
         "model_params": params,
         "rows_per_step": args.batch_size * args.workers,
         "row_tokens": args.max_length,
-        "ray_tokens_per_s": round(ray_tps, 1),
-        "torchrun_tokens_per_s": round(base["tokens_per_s"], 1),
-        "ratio": round(ray_tps / base["tokens_per_s"], 4),
-        "ray_wall_s": round(ray_wall, 2),
-        "torchrun_wall_s": round(base_wall, 2),
+        "pairs": len(pairs),
+        "ratio": round(statistics.median(p["ratio"] for p in pairs), 4),
+        "ratio_range": [round(min(p["ratio"] for p in pairs), 4), round(max(p["ratio"] for p in pairs), 4)],
+        "wall_ratio": round(statistics.median(p["wall_ratio"] for p in pairs), 4),
+        "wall_ratio_range": [
+            round(min(p["wall_ratio"] for p in pairs), 4),
+            round(max(p["wall_ratio"] for p in pairs), 4),
+        ],
+        "ray_tokens_per_s": round(middle["ray_tokens_per_s"], 1),
+        "torchrun_tokens_per_s": round(middle["torchrun_tokens_per_s"], 1),
+        "ray_wall_s": round(middle["ray_wall_s"], 2),
+        "torchrun_wall_s": round(middle["torchrun_wall_s"], 2),
+        # Ray's wall time that is not training steps, by phase (the median pair's)
+        "ray_fixed_cost_s": middle["fixed_cost_s"],
+        "per_pair": [{k: round(v, 4) for k, v in p.items() if isinstance(v, float)} for p in pairs],
         "ray_training_wall_s": training["wall_seconds"],
         "torchrun_setup_s": base["setup_s"],
         "torchrun_step_s": round(base["step_s"], 4),

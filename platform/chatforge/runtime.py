@@ -28,6 +28,19 @@ def cluster_cpus() -> float:
     return ray.cluster_resources().get("CPU", 1.0)
 
 
+def cause_line(error: BaseException) -> str:
+    """The innermost error as one line, "Type: its last message line": a worker's own exception, not the layers of
+    Ray's wrapping (``RayTaskError.cause``, ``__cause__``) around it."""
+    while True:
+        inner = getattr(error, "cause", None)
+        inner = inner if isinstance(inner, BaseException) else error.__cause__
+        if inner is None:
+            break
+        error = inner
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1].strip() if lines else ''}"
+
+
 def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> None:
     """Start a local Ray (``spec.address`` unset) or join a cluster; reuse Ray if this process already has it.
 

@@ -35,16 +35,21 @@ def test_train_overhead_runs_both_sides_and_the_memory_runs(tmp_path):
         "benchmarks/train_overhead.py",
         *tiny,
         *("--max-length", "64", "--batch-size", "2", "--data", str(data), "--workdir", str(tmp_path / "bench")),
+        *("--pairs", "1"),
     )
 
     assert figures["ray_tokens_per_s"] > 0 and figures["torchrun_tokens_per_s"] > 0
     assert figures["ratio"] == pytest.approx(figures["ray_tokens_per_s"] / figures["torchrun_tokens_per_s"], rel=1e-3)
+    assert figures["wall_ratio"] == pytest.approx(figures["torchrun_wall_s"] / figures["ray_wall_s"], rel=1e-3)
+    fixed = figures["ray_fixed_cost_s"]
+    assert set(fixed) == {"start_s", "prepare_s", "fit_beyond_steps_s", "export_s", "steps_at_steady_rate_s"}
+    assert fixed["start_s"] > 0 and fixed["prepare_s"] > 0 and fixed["export_s"] >= 0
     assert len(figures["ray_windows_tokens_per_s"]) == len(figures["torchrun_windows_tokens_per_s"]) == 2
     # the same tokenizer, packing and loop on both sides: the same packing efficiency, losses close after 4 steps
     assert figures["packing_efficiency"] == figures["torchrun_packing_efficiency"]
     assert 0 < figures["packing_efficiency"] <= 1
     assert figures["ray_final_loss"] == pytest.approx(figures["torchrun_final_loss"], abs=0.25)
-    assert (tmp_path / "bench" / "torchrun" / "model" / "model.safetensors").exists()  # the baseline exported too
+    assert (tmp_path / "bench" / "torchrun1" / "model" / "model.safetensors").exists()  # the baseline exported too
 
     zero0, zero3 = (figures["memory_per_worker"][f"zero{stage}"] for stage in (0, 3))
     assert zero0["measured_bytes"]["total"] == pytest.approx(zero0["arithmetic_bytes"]["total"], rel=0.01)

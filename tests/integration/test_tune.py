@@ -70,3 +70,28 @@ def test_the_driver_hears_each_trials_evaluations_and_its_end(searched):
     ids = {t["trial_id"] for t in result.trials}
     ended = {trial for trial, event in events if event in ("complete", "error")}
     assert {trial for trial, event in events if event == "result"} and ended == ids
+
+
+def test_a_failing_trial_is_reported_and_a_resumed_search_reruns_only_what_did_not_finish(ray_with_dashboard, tmp_path):
+    data = write_curated(tmp_path / "curated", n_train=120, n_val=16)
+    overrides = [
+        f"train.data=[{{path: '{data}'}}]",
+        f"tune.output={tmp_path / 'out'}",
+        "tracking.enabled=false",
+        "tune.scheduler=fifo",
+        "tune.algorithm=grid",
+        "tune.num_samples=1",
+        "tune.space={train.lr: {grid: [1.0e+30, 1.0e-3]}}",  # the first diverges: NonFiniteLossError
+        "train.max_steps=6",
+        "train.eval_every=3",
+    ]
+    first = run_search(load_spec("pipelines/tune.yaml", overrides))
+    by_lr = {t["config"]["train.lr"]: t for t in first.trials}
+    assert by_lr[1e30]["status"] == "error" and "NonFiniteLossError" in by_lr[1e30]["error"]
+    assert by_lr[1e-3]["status"] == "completed" and first.best["trial_id"] == by_lr[1e-3]["trial_id"]
+
+    resumed = run_search(load_spec("pipelines/tune.yaml", [*overrides, "tune.resume=true"]))
+    again = {t["config"]["train.lr"]: t for t in resumed.trials}
+    assert again[1e30]["status"] == "error"  # rerun (resume_errored), and it fails the same way
+    # the finished trial is restored as it was, not trained again
+    assert again[1e-3]["trial_id"] == by_lr[1e-3]["trial_id"] and again[1e-3]["eval_loss"] == by_lr[1e-3]["eval_loss"]

@@ -86,14 +86,6 @@ def report_fields(report: dict) -> str:
     return " · ".join(parts)
 
 
-def _first_line_of_cause(error: BaseException) -> str:
-    """The innermost error's message (a worker's own exception, not Ray's wrapping), for a one-line failure."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
-
-
 @contextlib.contextmanager
 def training_progress(max_steps: int):
     """A live bar for `chatforge train`: the phase before training, then step/total, metrics, elapsed and ETA."""
@@ -170,9 +162,10 @@ def train(
     """Fine-tune a chat model on curated data with Ray Train + DeepSpeed; writes OUTPUT/model and metrics."""
     from ray.train import TrainingFailedError
 
-    from chatforge.runtime import RayConnectError, init_ray
+    from chatforge.runtime import RayConnectError, cause_line, init_ray
     from chatforge.tracking import command_run
-    from chatforge.train.trainer import TrainDataError, resolve_data_dir, run_training
+    from chatforge.train.data import TrainDataError, resolve_data_dir
+    from chatforge.train.trainer import run_training
 
     try:
         loaded = load_with_flags(spec, overrides, "train.output", output)
@@ -189,6 +182,6 @@ def train(
     except (SpecError, TrainDataError, RayConnectError) as err:
         fail(str(err))
     except TrainingFailedError as err:  # the workers' own error, after Ray Train's retries (scaling.max_failures)
-        fail(f"training failed: {_first_line_of_cause(err)}", code=1)
+        fail(f"training failed: {cause_line(err)}", code=1)
     console.print(training_table(result.summary))
     console.print(f"model: [bold]{result.summary['model_dir']}[/]", highlight=False, soft_wrap=True)

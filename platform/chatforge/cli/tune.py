@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from chatforge.cli.common import console, fail, load_with_flags
-from chatforge.cli.train import DataOption, _data_sources, _first_line_of_cause
+from chatforge.cli.train import DataOption, _data_sources
 from chatforge.config import SpecError
 
 
@@ -47,9 +47,9 @@ def tune(
     """Search training hyperparameters on Ray Tune (ASHA on eval_loss); writes OUTPUT/trials.csv and best.json."""
     from ray.tune.error import TuneError
 
-    from chatforge.runtime import RayConnectError, init_ray
+    from chatforge.runtime import RayConnectError, cause_line, init_ray
     from chatforge.tracking import command_run
-    from chatforge.train.trainer import TrainDataError, data_fingerprint, resolve_data_dir
+    from chatforge.train.data import TrainDataError, data_fingerprint, resolve_data_dir
     from chatforge.tune.search import StateApiMissing, run_search
     from chatforge.tune.space import check_space
 
@@ -86,7 +86,7 @@ def tune(
     except (SpecError, TrainDataError, RayConnectError, StateApiMissing) as err:
         fail(str(err))
     except TuneError as err:
-        fail(f"the search failed: {_first_line_of_cause(err)}", code=1)
+        fail(f"the search failed: {cause_line(err)}", code=1)
     console.print(trials_table(result))
     where = f"trials: [bold]{result.output}/trials.csv[/]   best: {result.output}/best.json"
     if result.best and result.best.get("model_dir"):

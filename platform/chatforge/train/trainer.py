@@ -32,7 +32,6 @@ from chatforge.train.data import (
     combined_fingerprint,
     data_fingerprint,
     prepare_training_data,
-    resolve_data_dir,
 )
 from chatforge.train.engine import ADAPTER_DIR, MODEL_DIR
 from chatforge.train.loop import StepCallback
@@ -45,21 +44,6 @@ if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
     from chatforge.tracking import TrackedRun
-
-# Data preparation lives in chatforge.train.data; the CLI and chatforge.tune import its names from here too.
-__all__ = [
-    "PreparedData",
-    "TrainDataError",
-    "TrainingResult",
-    "build_trainer",
-    "data_fingerprint",
-    "export_dirs",
-    "prepare_training_data",
-    "presplit_data_config",
-    "resolve_data_dir",
-    "run_training",
-]
-
 
 @dataclass
 class TrainingResult:
@@ -206,6 +190,7 @@ def run_training(
         shutil.rmtree(checkpoints, ignore_errors=True)
     os.makedirs(output, exist_ok=True)
     prepared = prepare_training_data(spec, progress=say)
+    phases = {"prepare_s": time.perf_counter() - started}
 
     with follow_reports(on_report) as callbacks:
         run_config = RunConfig(
@@ -219,12 +204,15 @@ def run_training(
         context = ray.data.DataContext.get_current()
         bars, context.enable_progress_bars = context.enable_progress_bars, False  # workers' data bars are noise in logs
         try:
+            fit_started = time.perf_counter()
             result = trainer.fit()
+            phases["fit_s"] = time.perf_counter() - fit_started
         finally:
             context.enable_progress_bars = bars
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
 
+    export_started = time.perf_counter()
     with result.checkpoint.as_directory() as directory:
         export_dirs(directory, output, (MODEL_DIR, ADAPTER_DIR))
         shutil.copyfile(os.path.join(directory, METRICS_FILE), os.path.join(output, METRICS_FILE))
@@ -236,6 +224,12 @@ def run_training(
         "fingerprint": combined_fingerprint(fingerprints),
         "data_fingerprints": fingerprints,
         "wall_seconds": round(time.perf_counter() - started, 3),
+        # where the wall time went: tokenizer and data preparation, Ray Train's fit (worker start, the steps, the
+        # final checkpoint), the copy of the exported model into OUTPUT
+        "phases": {
+            **{name: round(seconds, 3) for name, seconds in phases.items()},
+            "export_s": round(time.perf_counter() - export_started, 3),
+        },
         "tracking": tracked.record() if tracked is not None else None,
         "config": resolved(spec),
         "chatforge_version": chatforge.__version__,

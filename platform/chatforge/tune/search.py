@@ -25,6 +25,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 
 from chatforge.config import Spec
 from chatforge.files import write_atomic
+from chatforge.runtime import cause_line
 from chatforge.tracking import TrackedRun, tracking_uri
 from chatforge.tune.space import check_space, param_space, trial_spec
 
@@ -84,7 +85,8 @@ def run_search(spec: Spec, progress=None, tracked: TrackedRun | None = None, on_
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from chatforge.train.trainer import prepare_training_data, presplit_data_config
+    from chatforge.train.data import prepare_training_data
+    from chatforge.train.trainer import presplit_data_config
 
     say = progress or (lambda message: None)
     check_space(spec)
@@ -228,7 +230,7 @@ def _trial_row(spec: Spec, result) -> dict[str, Any]:
         METRIC: min(losses) if losses else None,
         "steps": step,
         "status": status,
-        "error": None if result.error is None else str(result.error).splitlines()[0][:300],
+        "error": None if result.error is None else cause_line(result.error)[:300],
         # the last checkpoint rank 0 reported with an evaluation (the final one holds the exported model)
         "checkpoint": (result.metrics or {}).get(CHECKPOINT_PATH_KEY),
     }
