@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from chatforge.tracking import TrackedRun
 
+
 @dataclass
 class TrainingResult:
     output: str
