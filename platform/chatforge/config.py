@@ -648,6 +648,46 @@ class EvalSpec(Strict):
     gate: EvalGateSpec = EvalGateSpec()
 
 
+# ---------------------------------------------------------------- continual learning
+
+
+class LoopSpec(Strict):
+    """`chatforge loop`: one continual-learning cycle, from the feedback store's new ratings to an evaluated
+    candidate fine-tuned from the deployed model (`chatforge.continual.cycle`)."""
+
+    output: str = Field("runs/loop", description="each cycle writes OUTPUT/cycle-NNNN/")
+    deployed_model: str | None = Field(
+        None, description="the served model (a model dir) a cycle fine-tunes from and evaluates its candidate against"
+    )
+    review_size: int = Field(
+        50, ge=0, description="conversations in a cycle's human-review queue (review.jsonl), ranked by active selection"
+    )
+    train_size: int | None = Field(
+        None, ge=1, description="at most this many feedback conversations train, ranked by active selection; None: all"
+    )
+    min_train_conversations: int = Field(
+        1,
+        ge=1,
+        description="with fewer feedback conversations to train on, the cycle ends uncommitted (not_enough_feedback) "
+        "and its rows wait for the next one",
+    )
+    replay_ratio: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="share of the training rows drawn from the replay data (earlier training data), so the model "
+        "does not forget; the feedback gets the rest",
+    )
+    replay_data: list[str] = Field(
+        default_factory=list,
+        description="curated data dirs replayed; empty: train.data's datasets. The first one's test split is what "
+        "the gate's perplexity is measured on",
+    )
+    settle_s: float = Field(
+        5.0, ge=0, description="feedback younger than this waits for the next cycle (PostgreSQL commits ids late)"
+    )
+
+
 class Spec(Strict):
     """A pipeline spec: the sections a command does not use are allowed and ignored by it."""
 
@@ -665,6 +705,7 @@ class Spec(Strict):
     tracking: TrackingSpec = TrackingSpec()
     tune: TuneSpec = TuneSpec()
     eval: EvalSpec = EvalSpec()
+    loop: LoopSpec = LoopSpec()
 
 
 # ---------------------------------------------------------------- loading

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from chatforge.cli import curate, eval, lineage, serve, train, tune
+from chatforge.cli import curate, eval, lineage, loop, serve, train, tune
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train and run chat assistants on Ray.")
 
@@ -18,6 +18,7 @@ app.command()(serve.serve)
 app.command()(tune.tune)
 app.command(name="eval")(eval.eval)
 app.command()(lineage.lineage)
+app.command()(loop.loop)
 
 
 @app.command()

@@ -3,7 +3,8 @@
 A cycle reads the feedback rows whose id is above the last committed cycle's upper id and at most its own upper id.
 `open_cycle` fixes that range when a cycle starts and records it, uncommitted; `commit_cycle` marks it done at the
 very end. A cycle that fails half-way is never committed, so running the loop again reopens the same cycle, with the
-same range: no row is used twice, and none is skipped.
+same range: no row is used twice, and none is skipped. `abandon_cycle` forgets an open cycle that has nothing to
+train on (no new rows, or too few): the next cycle then starts from the same row.
 
 The upper id leaves out rows younger than ``settle_s``: on PostgreSQL, ids are drawn when a row is inserted but seen
 when its transaction commits, so a young id may still have an older neighbour on its way. A rating's transaction
@@ -77,6 +78,16 @@ def commit_cycle(store: FeedbackStore, cycle: Cycle, record: dict[str, Any], now
         )
         if done.rowcount != 1:
             raise CycleConflict(f"cycle {cycle.number} is already committed (or gone): another loop finished it")
+
+
+def abandon_cycle(store: FeedbackStore, cycle: Cycle) -> None:
+    """Forget the open ``cycle``: its rows are read again by the next cycle, which takes its number."""
+    with store.engine.begin() as connection:
+        gone = connection.execute(
+            loop_cycles.delete().where(loop_cycles.c.cycle == cycle.number, loop_cycles.c.committed.is_(None))
+        )
+        if gone.rowcount != 1:
+            raise CycleConflict(f"cycle {cycle.number} is no longer open: another loop committed or abandoned it")
 
 
 def cycles(store: FeedbackStore) -> list[dict[str, Any]]:

@@ -1,0 +1,266 @@
+"""`run_cycle` on a 2-CPU Ray: a SQLite feedback store holding 40 rated completions, a tiny deployed model trained
+for a few steps, one whole cycle (read, select, curate, fine-tune with replay, eval gate, commit); then a cycle with
+nothing new, and a cycle that fails after opening and is reopened with the same feedback ids by the next run."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import mlflow
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from chatforge.cli.loop import track_cycle
+from chatforge.config import load_spec
+from chatforge.continual.cycle import LoopInputError, run_cycle
+from chatforge.continual.watermark import cycles
+from chatforge.data.schema import MESSAGE_TYPE
+from chatforge.serve.feedback import CompletionRecord, FeedbackStore
+from chatforge.tracking import command_run
+from chatforge.train.trainer import run_training
+from helpers.corpus import conversation, sentence
+from helpers.train_data import TINY_TRAINING, write_curated
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TINY_EVAL = [
+    "eval.max_new_tokens=8",
+    "eval.max_prompts=4",
+    "eval.bias_axes=[age]",
+    "eval.max_bias_templates=1",
+    "eval.samples=1",
+    "eval.top_logprobs=3",
+    "eval.attribution_max_tokens=4",
+]
+# What the 40 rated completions are, in order, and what each becomes (continual.build).
+PLAN = (
+    [("liked", "prod", 1, None)] * 16
+    + [("correction", "canary", -1, "fix")] * 8
+    + [("disliked", "canary", -1, None)] * 8  # the first 4 answer the prompts of the last 4 liked ones
+    + [("guarded", "prod", 1, None)] * 4
+    + [("neutral", "prod", 0, None)] * 4
+)
+SHARED_PROMPTS = 4
+FIRST_SHARED = 12  # the liked completions whose prompts the canary answered too: PLAN[12:16]
+
+
+def add_completion(store: FeedbackStore, number: int, prompt: list[dict], variant: str, answer: str, guard: str):
+    store.record_completion(
+        CompletionRecord(
+            f"c{number}", time.time(), variant, None, json.dumps(prompt), answer, 5.0, 10, 8, guard, 0.1, False
+        )
+    )
+
+
+def fill_store(store: FeedbackStore, rng: random.Random) -> dict[int, dict]:
+    """The PLAN's completions and ratings; returns each feedback id's plan entry, prompt and correction."""
+    rows: dict[int, dict] = {}
+    prompts: list[list[dict]] = []
+    for number, (kind, variant, rating, correction) in enumerate(PLAN):
+        disliked_index = number - 24
+        if kind == "disliked" and disliked_index < SHARED_PROMPTS:
+            prompt = prompts[FIRST_SHARED + disliked_index]
+        elif number % 5 == 0:  # a few multi-turn conversations
+            prompt = conversation(rng, turns=3, words=(4, 9))
+        else:
+            prompt = [{"role": "user", "content": sentence(rng, rng.randint(5, 10))}]
+        prompts.append(prompt)
+        guard = "flagged" if kind == "guarded" else "pass"
+        add_completion(store, number, prompt, variant, sentence(rng, rng.randint(6, 12)), guard)
+        text = sentence(rng, 8) if correction else None
+        feedback_id = store.record_feedback(f"c{number}", rating, text, None)
+        rows[feedback_id] = {"kind": kind, "prompt": prompt, "correction": text, "completion_id": f"c{number}"}
+    return rows
+
+
+def rate_more(store: FeedbackStore, rng: random.Random, n: int, start: int) -> list[int]:
+    ids = []
+    for number in range(start, start + n):
+        add_completion(store, number, [{"role": "user", "content": sentence(rng, 6)}], "prod", sentence(rng, 8), "pass")
+        ids.append(store.record_feedback(f"c{number}", 1, None, None))
+    return ids
+
+
+def write_test_split(data_dir: Path, n: int = 12) -> None:
+    rng = random.Random(5)
+    (data_dir / "test").mkdir()
+    messages = [conversation(rng, turns=2, words=(4, 9)) for _ in range(n)]
+    pq.write_table(pa.table({"messages": pa.array(messages, pa.list_(MESSAGE_TYPE))}), data_dir / "test" / "p.parquet")
+
+
+def cycle_spec(root: Path, store: FeedbackStore, model: str, replay: Path, *overrides: str):
+    return load_spec(
+        None,
+        [
+            *TINY_TRAINING,
+            "model.max_length=128",
+            "train.max_steps=6",
+            "train.eval_every=3",
+            *TINY_EVAL,
+            "curate.split={train: 1.0, val: 0.0, test: 0.0}",  # every feedback conversation trains: no val/ at all
+            f"serve.feedback.url={store.url}",
+            "serve.feedback.url_env=null",
+            f"loop.deployed_model={model}",
+            f"loop.replay_data=['{replay}']",
+            f"loop.output={root / 'loop'}",
+            "loop.settle_s=0",
+            "loop.review_size=10",
+            "loop.train_size=20",
+            "loop.replay_ratio=0.5",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def first_cycle(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    replay = write_curated(root / "replay", n_train=120, n_val=16, fingerprint="fp-replay")
+    write_test_split(replay)
+    deploy_spec = load_spec(
+        None,
+        [
+            *TINY_TRAINING,
+            "model.max_length=128",
+            "train.max_steps=12",
+            f"train.data=[{{path: '{replay}'}}]",
+            f"train.output={root / 'deployed'}",
+        ],
+    )
+    deployed = run_training(deploy_spec).summary["model_dir"]
+    store = FeedbackStore(f"sqlite:///{root / 'feedback.db'}", scrub_pii=False)
+    planned = fill_store(store, random.Random(11))
+    spec = cycle_spec(root, store, deployed, replay)
+    phases: list[str] = []
+    with command_run(spec, "loop", output=spec.loop.output) as tracked:
+        result = run_cycle(spec, progress=phases.append, tracked=tracked)
+        track_cycle(tracked, result)
+    yield {
+        "result": result,
+        "root": root,
+        "store": store,
+        "planned": planned,
+        "deployed": deployed,
+        "replay": replay,
+        "phases": phases,
+        "tracked": tracked,
+    }
+    store.dispose()
+
+
+def test_the_cycle_counts_every_rating_by_what_it_became(first_cycle):
+    result = first_cycle["result"]
+    record = result.record
+    assert result.status == "ok" and record["status"] == "ok"
+    assert (result.cycle.number, result.cycle.reopened) == (1, False)
+    assert record["feedback_ids"] == {"after": 0, "upto": 40}
+    assert record["rows_read"] == 40
+    assert record["uses"] == {"train": 24, "review": 12, "skip": 4}
+    assert record["kinds"] == {"correction": 8, "disliked": 8, "guarded": 4, "liked": 16, "neutral": 4}
+    assert record["selected"]["review"]["conversations"] == 10 and record["selected"]["train"]["conversations"] == 20
+    phases = first_cycle["phases"]
+    for phase in ("opening", "reading", "selecting", "curating", "fine-tuning", "evaluating", "committing"):
+        assert any(phase in message for message in phases), (phase, phases)
+
+
+def test_review_and_training_files_are_ranked_by_selection(first_cycle):
+    result, planned = first_cycle["result"], first_cycle["planned"]
+    output = Path(result.output)
+    review = [json.loads(line) for line in (output / "review.jsonl").read_text().splitlines()]
+    # lowest rating first (-1: disliked), then A/B disagreement (their prompts were rated +1 by the other variant)
+    assert [line["kind"] for line in review] == ["disliked"] * 8 + ["guarded"] * 2
+    assert [line["disagreement"] for line in review[:SHARED_PROMPTS]] == [1.0] * SHARED_PROMPTS
+    assert all(line["disagreement"] == 0.0 for line in review[SHARED_PROMPTS:])
+    for line in review:
+        assert planned[line["feedback_id"]]["kind"] == line["kind"]
+        assert line["messages"][:-1] == planned[line["feedback_id"]]["prompt"]
+
+    training = [json.loads(line) for line in (output / "feedback.jsonl").read_text().splitlines()]
+    assert [line["kind"] for line in training] == ["correction"] * 8 + ["liked"] * 12  # -1 ranks first; capped at 20
+    for line in training:
+        plan = planned[int(line["id"])]
+        assert line["messages"][:-1] == plan["prompt"] and line["completion_id"] == plan["completion_id"]
+        if plan["correction"]:
+            assert line["messages"][-1] == {"role": "assistant", "content": plan["correction"]}
+    liked = sorted(feedback_id for feedback_id, plan in planned.items() if plan["kind"] == "liked")
+    shared = liked[FIRST_SHARED : FIRST_SHARED + SHARED_PROMPTS]
+    # among equal ratings, the prompts the variants disagreed on first, then feedback id order
+    assert [int(line["id"]) for line in training[8:]] == shared + liked[:8]
+
+
+def test_the_feedback_is_curated_and_trains_with_replay_from_the_deployed_model(first_cycle):
+    record, replay = first_cycle["result"].record, first_cycle["replay"]
+    output = Path(first_cycle["result"].output)
+    curation = record["curation"]
+    assert curation["input_records"] == 20
+    assert curation["kept"] + sum(curation["dropped"].values()) == 20 and curation["kept"] >= 18
+    assert curation["splits"] == {"train": curation["kept"]}
+    manifest = json.loads((output / "feedback" / "manifest.json").read_text())
+    assert manifest["fingerprint"] == curation["fingerprint"]
+    assert pq.read_table(output / "feedback" / "data" / "val").num_rows == 0  # the empty val/ the trainer needs
+
+    training = record["training"]
+    assert [(d["path"], d["weight"]) for d in training["data"]] == [
+        (str(output / "feedback" / "data"), 0.5),
+        (str(replay), 0.5),
+    ]
+    assert training["steps"] == 6 and math.isfinite(training["eval_loss"])
+    summary = json.loads((output / "train" / "training.json").read_text())
+    assert summary["config"]["model"]["name_or_path"] == str(Path(first_cycle["deployed"]).resolve())
+    assert summary["data_fingerprints"] == [curation["fingerprint"], "fp-replay"]
+    shares = {Path(d["path"]).parent.name: d for d in summary["data"]["datasets"]}
+    assert shares["feedback"]["conversations"] == curation["kept"]
+    assert shares["feedback"]["sampled_fraction"] == 1.0 and shares["replay"]["sampled_fraction"] < 1.0
+    assert (Path(record["candidate_model"]) / "config.json").is_file()
+
+
+def test_the_candidate_is_gated_against_the_deployed_model(first_cycle):
+    record = first_cycle["result"].record
+    gate = record["eval"]["gate"]
+    assert isinstance(gate["passed"], bool) and isinstance(gate["reasons"], list)
+    evaluated = json.loads((Path(record["eval"]["output"]) / "eval.json").read_text())
+    assert evaluated["gate"] == gate
+    assert evaluated["baseline"]["model_dir"] == str(Path(first_cycle["deployed"]).resolve())
+    assert evaluated["data_dir"] == str(Path(first_cycle["replay"]).resolve()) and evaluated["perplexity"] > 0
+    assert record["deployment"] is None and record["deployed_model"] == evaluated["baseline"]["model_dir"]
+
+
+def test_the_cycle_is_committed_with_its_record_and_tracked(first_cycle):
+    result, store, tracked = first_cycle["result"], first_cycle["store"], first_cycle["tracked"]
+    written = json.loads((Path(result.output) / "cycle.json").read_text())
+    assert written == result.record
+    (committed,) = cycles(store)
+    assert committed["committed"] is not None and committed["record"] == written
+    assert written["tracking"]["run_id"] == tracked.run_id
+    run = mlflow.MlflowClient(tracked.uri).get_run(tracked.run_id)
+    assert run.data.tags["chatforge.loop.cycle"] == "1" and run.data.tags["chatforge.loop.status"] == "ok"
+    assert run.data.metrics["rows_read"] == 40 and run.data.metrics["conversations.train"] == 20
+
+
+def test_then_nothing_new_and_a_failed_cycle_reopens_with_the_same_range(first_cycle):
+    root, store = first_cycle["root"], first_cycle["store"]
+    deployed, replay = first_cycle["deployed"], first_cycle["replay"]
+
+    idle = run_cycle(cycle_spec(root, store, deployed, replay))
+    assert (idle.status, idle.cycle.number, idle.output) == ("no_new_feedback", 2, None)
+    assert len(cycles(store)) == 1  # abandoned: no open cycle left behind
+
+    new_ids = rate_more(store, random.Random(12), 6, start=len(PLAN))
+    with pytest.raises(LoopInputError, match="no model here"):
+        run_cycle(cycle_spec(root, store, str(root / "no-such-model"), replay))
+    failed = cycles(store)[-1]
+    assert (failed["cycle"], failed["committed"]) == (2, None)
+    assert (failed["after_feedback_id"], failed["upto_feedback_id"]) == (40, max(new_ids))
+
+    rate_more(store, random.Random(13), 2, start=len(PLAN) + 6)  # arrives after the failure: not cycle 2's
+    retried = run_cycle(cycle_spec(root, store, deployed, replay, "loop.min_train_conversations=1000"))
+    assert retried.cycle.reopened and retried.cycle.number == 2
+    assert (retried.cycle.after_feedback_id, retried.cycle.upto_feedback_id) == (40, max(new_ids))
+    assert retried.status == "not_enough_feedback" and retried.record["rows_read"] == 6
+    assert retried.record["uses"]["train"] == 6
+    assert len(cycles(store)) == 1  # abandoned, so its rows (and the 2 newer ones) wait for the next cycle
