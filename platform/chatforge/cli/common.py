@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import NoReturn
 
@@ -26,3 +28,21 @@ def load_with_flags(spec: Path, overrides: list[str] | None, output_key: str, ou
     if output:
         extra.append(f"{output_key}={output}")
     return load_spec(spec, extra)
+
+
+@contextlib.contextmanager
+def quiet_ray_data():
+    """A command's own progress display is the progress: Ray Data's bars and INFO lines (the driver's and, through
+    the context, the workers') would interleave with it."""
+    import ray.data
+
+    data_logger = logging.getLogger("ray.data")
+    context = ray.data.DataContext.get_current()
+    level, bars = data_logger.level, context.enable_progress_bars
+    data_logger.setLevel(logging.WARNING)
+    context.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        data_logger.setLevel(level)
+        context.enable_progress_bars = bars

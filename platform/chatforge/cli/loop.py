@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from chatforge.cli.common import console, fail, load_with_flags
+from chatforge.cli.common import console, fail, load_with_flags, quiet_ray_data
 from chatforge.config import SpecError
 
 
@@ -77,23 +75,6 @@ def track_cycle(tracked, result) -> None:
     tracked.metrics(metrics)
     if result.output:
         tracked.artifact(os.path.join(result.output, CYCLE_JSON))
-
-
-@contextlib.contextmanager
-def quiet_ray_data():
-    """The status line is the progress: Ray Data's own bars and INFO lines would interleave with it."""
-    import ray.data
-
-    data_logger = logging.getLogger("ray.data")
-    context = ray.data.DataContext.get_current()
-    level, bars = data_logger.level, context.enable_progress_bars
-    data_logger.setLevel(logging.WARNING)
-    context.enable_progress_bars = False
-    try:
-        yield
-    finally:
-        data_logger.setLevel(level)
-        context.enable_progress_bars = bars
 
 
 def loop(

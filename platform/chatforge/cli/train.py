@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from chatforge.cli.common import console, fail, load_with_flags
+from chatforge.cli.common import console, fail, load_with_flags, quiet_ray_data
 from chatforge.config import SpecError, TrainDataSpec
 
 
@@ -106,19 +106,7 @@ def training_progress(max_steps: int):
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    import logging
-
-    import ray.data
-
-    # This bar is the progress: Ray Data's own bars and INFO lines for the tokenize/pack pass would interleave with it.
-    data_logger = logging.getLogger("ray.data")
-    level, data_logger.level = data_logger.level, logging.WARNING
-    context = ray.data.DataContext.get_current()
-    bars, context.enable_progress_bars = context.enable_progress_bars, False
-    with contextlib.ExitStack() as restore:
-        restore.callback(setattr, data_logger, "level", level)
-        restore.callback(setattr, context, "enable_progress_bars", bars)
-        bar = restore.enter_context(Progress(*columns, console=console))
+    with quiet_ray_data(), Progress(*columns, console=console) as bar:
         task = bar.add_task("starting", total=max_steps, metrics="")
 
         def on_report(report: dict) -> None:
