@@ -683,6 +683,15 @@ class LoopSpec(Strict):
         description="curated data dirs replayed; empty: train.data's datasets. The first one's test split is what "
         "the gate's perplexity is measured on",
     )
+    condition_responses: bool = Field(
+        True,
+        description="regenerate the earlier assistant turns of multi-turn training conversations with the deployed "
+        "model (eval's sampling settings), so training contexts are what it produces; the final turn stays the target",
+    )
+    uncertainty: bool = Field(
+        True,
+        description="rank by the deployed model's mean NLL of each answer (scored by one Ray actor holding the model)",
+    )
     settle_s: float = Field(
         5.0, ge=0, description="feedback younger than this waits for the next cycle (PostgreSQL commits ids late)"
     )

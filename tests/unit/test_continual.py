@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from chatforge.continual.build import classify, conversation
 from chatforge.continual.select import add_disagreement, select
 from chatforge.continual.stats import compare_variants, two_proportion_z
+from chatforge.continual.uncertainty import answer_nll, final_turn_labels
 from chatforge.continual.watermark import CycleConflict, commit_cycle, cycles, open_cycle
 from chatforge.serve.feedback import CompletionRecord, FeedbackStore, feedback_query
 
@@ -129,3 +130,32 @@ def test_the_z_test_matches_a_hand_computed_value_and_decides_both_ways():
     early = compare_variants((30, 30), (0, 30), min_ratings=100)
     assert early.decision == "wait" and "100 needed" in early.reason
     assert two_proportion_z(10, 10, 20, 20) == (0.0, 1.0)
+
+
+def test_only_the_final_assistant_turn_is_scored():
+    ignore = -100
+    labels = [ignore, 5, 6, ignore, ignore, 7, 8, 9, ignore]
+    assert final_turn_labels(labels) == [ignore] * 5 + [7, 8, 9, ignore]
+    assert final_turn_labels([ignore, ignore]) == [ignore, ignore]
+
+
+def test_answer_nll_is_the_answers_mean_token_loss_and_scores_only_the_answer(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatforge.eval.perplexity import perplexity
+    from helpers.tiny_model import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    single = [{"role": "user", "content": "how is the weather"}, {"role": "assistant", "content": "sunny and warm"}]
+    [score] = answer_nll(model, tokenizer, [single], max_length=64)
+    assert score == pytest.approx(perplexity(model, tokenizer, [single], max_length=64).mean_nll, rel=1e-5)
+    # an earlier assistant turn is context, not scored: the same final answer after another exchange scores alike
+    # only through its context, and a conversation that does not end with the answer gets None
+    longer = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello friend"}, *single]
+    scores = answer_nll(model, tokenizer, [longer, single[:1]], max_length=64)
+    assert scores[0] is not None and scores[0] != pytest.approx(
+        perplexity(model, tokenizer, [longer], max_length=64).mean_nll, rel=1e-6
+    )
+    assert scores[1] is None

@@ -11,7 +11,7 @@ from chatforge.config import AuthSpec, GuardSpec, ToxicitySpec, VariantSpec
 from chatforge.serve.auth import ApiKeys, check_access, is_local_client, key_digest, read_digest_file
 from chatforge.serve.guard import Guard, StreamGuard, Verdict
 from chatforge.serve.metrics import ServeMetrics
-from chatforge.serve.router import Router, sticky_point
+from chatforge.serve.router import Router, reweighted, sticky_point
 
 # ---------------------------------------------------------------- auth
 
@@ -330,3 +330,29 @@ def test_metrics_work_without_ray():
     with pytest.raises(ValueError):
         metrics.guard_block("a", "sideways")
     assert not ray.is_initialized()  # recording did not start a Ray
+
+
+def test_reweighting_moves_only_the_users_in_the_shares_that_changed():
+    variants = _variants(main=1, canary=0)
+    before = Router(variants)
+    after = Router(reweighted(variants, {"main": 0.9, "canary": 0.1}))
+    assert after.weights == [0.9, 0.1] and variants[1].weight == 0  # the spec's own list is left as it was
+    users = [f"user-{i}" for i in range(5_000)]
+    moved = [u for u in users if before.choose(u) != after.choose(u)]
+    assert all(after.choose(u) == "canary" for u in moved)  # nobody moves from one canary share to another
+    assert abs(len(moved) / len(users) - 0.1) < 0.02
+    assert Router(reweighted(variants, {"canary": 3})).weights == [1.0, 3.0]  # an unnamed variant keeps its weight
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ({"nope": 1}, "unknown variants \\['nope'\\]"),
+        ({"main": -1}, "numbers >= 0"),
+        ({"main": "half"}, "numbers >= 0"),
+        ({"main": 0}, "at least one variant needs a weight > 0"),
+    ],
+)
+def test_bad_weights_are_refused_with_what_is_wrong(weights, message):
+    with pytest.raises(ValueError, match=message):
+        reweighted(_variants(main=1, canary=0), weights)

@@ -179,6 +179,17 @@ class ChatIngress:
         self.writer.start()
         self.created = int(time.time())
 
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """The deployment's ``user_config``: ``{"weights": {variant: weight}}`` sets the A/B traffic split. Serve
+        calls this at start and on every change of the user_config alone, without restarting the replica, so a
+        canary's share moves with no request lost (`serve deploy` of a config file whose only change is the
+        ingress's user_config)."""
+        from chatforge.serve.router import Router, reweighted
+
+        weights = (config or {}).get("weights") or {}
+        self.router = Router(reweighted(self.spec.variants, weights))
+        log.info("traffic weights: %s", dict(zip(self.router.names, self.router.weights)))
+
     async def __del__(self) -> None:
         """Serve calls this when it stops the replica: the queued writes go to the store first, if it answers."""
         writer = getattr(self, "writer", None)  # absent when __init__ failed
@@ -643,4 +654,6 @@ def build_app(args: dict[str, Any]) -> Application:
         max_ongoing_requests=max(256, sum(v.max_ongoing_requests for v in spec.variants)),
         max_queued_requests=spec.max_queued_requests,  # past it Serve's proxy answers 503 itself
         backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),
+        # the A/B split as user_config: a config deploy that changes only it reweights the running replicas
+        user_config={"weights": {v.name: v.weight for v in spec.variants}},
     ).bind(spec, models, keys.hex_digests(), user_hash_key(spec.feedback))

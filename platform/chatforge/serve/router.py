@@ -25,6 +25,22 @@ def sticky_point(key: str) -> float:
     return xxhash.xxh64_intdigest(_SALT + key.encode()) / 2.0**64
 
 
+def reweighted(variants: list[VariantSpec], weights: dict[str, float]) -> list[VariantSpec]:
+    """``variants`` with the traffic weights of ``weights`` (a variant it does not name keeps its own); a weight
+    for an unknown variant, a negative one, or all weights zero is a ValueError naming it."""
+    names = {v.name for v in variants}
+    unknown = sorted(set(weights) - names)
+    if unknown:
+        raise ValueError(f"weights name unknown variants {unknown}; known: {sorted(names)}")
+    bad = {name: w for name, w in weights.items() if not isinstance(w, int | float) or isinstance(w, bool) or w < 0}
+    if bad:
+        raise ValueError(f"weights must be numbers >= 0, got {bad}")
+    updated = [v.model_copy(update={"weight": float(weights.get(v.name, v.weight))}) for v in variants]
+    if sum(v.weight for v in updated) <= 0:
+        raise ValueError(f"at least one variant needs a weight > 0, got {weights}")
+    return updated
+
+
 class Router:
     def __init__(self, variants: list[VariantSpec]) -> None:
         if not variants:
