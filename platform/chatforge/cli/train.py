@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from chatforge.cli.common import console, fail, load_with_flags, quiet_ray_data
-from chatforge.config import SpecError, TrainDataSpec
+from chatforge.config import Spec, SpecError, TrainDataSpec
 
 
 def _split_data_option(item: str) -> tuple[str, float, str | None]:
@@ -43,6 +43,18 @@ def _data_sources(items: list[str]) -> list[TrainDataSpec]:
         except ValueError as err:
             fail(f"--data {item}: expected DIR[:WEIGHT[:TAG]] ({err})")
     return sources
+
+
+def with_data(spec: Spec, data: list[str] | None) -> Spec:
+    """The spec with ``--data`` (when given) as its train.data, each dataset checked so bad data fails before Ray
+    starts: what `train` and `tune` both take."""
+    from chatforge.train.data import resolve_data_dir
+
+    if data:
+        spec = spec.model_copy(update={"train": spec.train.model_copy(update={"data": _data_sources(data)})})
+    for source in spec.train.data:
+        resolve_data_dir(source.path)
+    return spec
 
 
 def training_table(summary: dict) -> Table:
@@ -152,15 +164,11 @@ def train(
 
     from chatforge.runtime import RayConnectError, cause_line, init_ray
     from chatforge.tracking import command_run
-    from chatforge.train.data import TrainDataError, resolve_data_dir
+    from chatforge.train.data import TrainDataError
     from chatforge.train.trainer import run_training
 
     try:
-        loaded = load_with_flags(spec, overrides, "train.output", output)
-        if data:
-            loaded = loaded.model_copy(update={"train": loaded.train.model_copy(update={"data": _data_sources(data)})})
-        for source in loaded.train.data:
-            resolve_data_dir(source.path)  # bad data fails here, before Ray starts
+        loaded = with_data(load_with_flags(spec, overrides, "train.output", output), data)
         init_ray(loaded.ray, idle_workers_per_cpu=0)
         with command_run(loaded, "train", output=loaded.train.output) as tracked:
             track_training_data(tracked, loaded)

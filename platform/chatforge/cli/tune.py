@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from chatforge.cli.common import console, fail, load_with_flags
-from chatforge.cli.train import DataOption, _data_sources
+from chatforge.cli.train import DataOption, track_training_data, with_data
 from chatforge.config import SpecError
 
 
@@ -49,17 +49,13 @@ def tune(
 
     from chatforge.runtime import RayConnectError, cause_line, init_ray
     from chatforge.tracking import command_run
-    from chatforge.train.data import TrainDataError, data_fingerprint, resolve_data_dir
+    from chatforge.train.data import TrainDataError
     from chatforge.tune.search import StateApiMissing, run_search
     from chatforge.tune.space import check_space
 
     try:
-        loaded = load_with_flags(spec, overrides, "tune.output", output)
-        if data:
-            loaded = loaded.model_copy(update={"train": loaded.train.model_copy(update={"data": _data_sources(data)})})
+        loaded = with_data(load_with_flags(spec, overrides, "tune.output", output), data)
         check_space(loaded)
-        for source in loaded.train.data:
-            resolve_data_dir(source.path)  # bad data fails here, before Ray starts
         init_ray(loaded.ray, idle_workers_per_cpu=0)
         seen: dict[str, str] = {}
 
@@ -75,9 +71,7 @@ def tune(
             command_run(loaded, "tune", output=loaded.tune.output) as tracked,
             console.status("searching…") as status,
         ):
-            for source in loaded.train.data:
-                data_dir = resolve_data_dir(source.path)
-                tracked.dataset(data_dir, data_fingerprint(data_dir), name=source.tag or "curated", context="training")
+            track_training_data(tracked, loaded)
             result = run_search(loaded, progress=status.update, tracked=tracked, on_trial=on_trial)
             if result.best:
                 tracked.metrics({"best_eval_loss": result.best["eval_loss"]})
