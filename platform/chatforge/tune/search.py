@@ -155,10 +155,13 @@ def require_state_api(timeout_s: float = 10.0) -> None:
     controller's worker group placement group is then removed by Ray Train's detached cleaner, which learns of the
     controller's death through the state API (the dashboard's). Without it the cleaner waits forever, the stopped
     trials' CPUs stay reserved, and every later trial's workers wait for CPUs that never come free."""
+    import ray
     from ray.util.state import list_nodes
 
     try:
-        list_nodes(limit=1, timeout=timeout_s, raise_on_missing_output=False)
+        # this process's Ray, by its GCS address: without one the state API looks for any Ray on the machine
+        address = ray.get_runtime_context().gcs_address
+        list_nodes(address=address, limit=1, timeout=timeout_s, raise_on_missing_output=False)
     except Exception as err:
         raise StateApiMissing(
             "Ray's state API does not answer, so a trial that ASHA stops would keep its CPUs reserved and the "
