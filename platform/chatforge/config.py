@@ -388,6 +388,17 @@ class AuthSpec(Strict):
     )
 
 
+class HumanEvalSpec(Strict):
+    """The human evaluation page (/ui/compare, /ui/results): raters choose between two variants' answers."""
+
+    enabled: bool = True
+    prompts: str | None = Field(
+        None, description="JSONL of prompts raters are shown (eval's format); None: chatforge's own prompt set"
+    )
+    variants: list[str] | None = Field(None, description="the variants compared, two or more; None: every variant")
+    max_prompt_chars: int = Field(2000, ge=1, description="longer prompts a rater writes get an error")
+
+
 class FeedbackSpec(Strict):
     """The store of completions and ratings (SQLAlchemy URL; SQLite by default), written in the background."""
 
@@ -450,6 +461,7 @@ class ServeSpec(Strict):
         1024, ge=1, description="requests each HTTP proxy lets wait for an ingress replica; more get Serve's 503"
     )
     docs: bool = Field(True, description="serve /docs, /redoc and /openapi.json (behind the API's keys)")
+    human_eval: HumanEvalSpec = HumanEvalSpec()
     metrics: bool = True
     ingress_num_cpus: float = Field(0.5, gt=0, description="CPUs per HTTP ingress replica")
     ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas")
@@ -463,6 +475,11 @@ class ServeSpec(Strict):
             raise ValueError(f"serve.variants: names must be unique, got {names}")
         if sum(v.weight for v in self.variants) <= 0:
             raise ValueError("serve.variants: at least one variant needs a weight > 0")
+        unknown = sorted(set(self.human_eval.variants or ()) - set(names))
+        if unknown:
+            raise ValueError(f"serve.human_eval.variants: {unknown} are not among serve.variants {names}")
+        if self.human_eval.variants is not None and len(set(self.human_eval.variants)) < 2:
+            raise ValueError("serve.human_eval.variants: name two or more variants to compare")
         return self
 
     @model_validator(mode="after")

@@ -1,7 +1,8 @@
-"""Headless Chromium screenshots of a local HTML file (Debian's `chromium`, which `make test` installs)."""
+"""Headless Chromium (Debian's `chromium`, which `make test` installs): screenshots of a local HTML file, and Playwright pages."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -35,3 +36,19 @@ def distinct_colours(png: Path) -> tuple[int, float]:
     image = Image.open(png).convert("RGB")
     pixels = list(image.getdata())
     return len(set(pixels)), sum(p != (255, 255, 255) for p in pixels) / len(pixels)
+
+
+@contextlib.contextmanager
+def playwright_page(width: int = 1200, height: int = 900):
+    """A Playwright page in headless Debian Chromium (Playwright's own browser download needs the internet); skips
+    the test when either is missing."""
+    binary = chromium()
+    if binary is None:
+        pytest.skip("headless Chromium is not installed (apt-get install -y chromium; `make test` installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=binary, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()

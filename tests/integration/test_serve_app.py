@@ -408,6 +408,85 @@ def test_api_docs_need_a_key(served):
     assert "/openapi.json" in served.http.get("/docs").text
 
 
+def test_human_eval_page_in_a_browser_signs_in_compares_and_shows_the_result(served, tmp_path):
+    """Headless Chromium, keyboard only: sign in with a key, flag answer A, choose B, see the saved notice and the
+    vote in the results table and in the store, with the variants the page never showed."""
+    from helpers.browser import playwright_page
+
+    with playwright_page() as page:
+        response = page.goto(f"{served.url}/ui/compare")
+        assert response.status == 401 and page.get_by_role("heading", name="Sign in").is_visible()
+        page.get_by_label("API key").fill("sk-wrong")
+        page.keyboard.press("Enter")
+        assert page.get_by_role("alert").inner_text().startswith("That key is not")
+        page.get_by_label("API key").fill(FILE_KEY)
+        page.keyboard.press("Enter")
+        page.get_by_role("heading", name="Which answer is better?").wait_for()
+        prompt = page.locator("#prompt").inner_text()
+        answers = [page.locator("#answer-a").inner_text(), page.locator("#answer-b").inner_text()]
+        first, second = (page.locator(f"input[name={name}]").get_attribute("value") for name in ("first", "second"))
+        page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+        assert prompt and all(answer.strip() for answer in answers)
+        assert not any(name in page.content() for name in ('"alpha"', '"beta"', '"long"'))  # anonymised
+
+        page.get_by_label("Flag answer A as harmful").focus()
+        page.keyboard.press("Space")  # ticks the box
+        page.get_by_role("button", name="B is better").focus()
+        page.keyboard.press("Enter")
+        page.get_by_role("status").wait_for()
+        assert "saved" in page.get_by_role("status").inner_text()
+        assert page.locator("#prompt").inner_text()  # the next pair is there
+
+        page.get_by_role("link", name="Results").click()
+        page.get_by_role("table").wait_for()
+        assert "1 votes" in page.get_by_role("table").locator("caption").inner_text()
+
+    (variant_a, answer_a), (variant_b, answer_b) = (
+        stored(served.db, "SELECT variant, answer FROM completions WHERE id = ?", cid)[0] for cid in (first, second)
+    )
+    words = [" ".join(answer.split()) for answer in (answer_a, answer_b)]  # the browser's text normalises line ends
+    assert words == [" ".join(answer.split()) for answer in answers]
+    vote = stored(served.db, "SELECT choice, harmful_first, harmful_second FROM comparisons")
+    assert vote == [("second", 1, 0)]
+    results = served.http.get("/ui/results.json").json()
+    assert results["votes"] == 1
+    (pair,) = results["pairs"]
+    winner = variant_b
+    assert {pair["a"], pair["b"]} == {variant_a, variant_b} and variant_a != variant_b
+    assert pair["a_wins" if pair["a"] == winner else "b_wins"] == 1 and pair["harmful"][variant_a] == 1
+
+
+def test_human_eval_pages_are_protected_like_the_api(served):
+    anonymous = httpx.get(f"{served.url}/ui/results", timeout=30)
+    assert anonymous.status_code == 401 and "Sign in" in anonymous.text
+    csp = anonymous.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "form-action 'self'" in csp and "frame-ancestors 'none'" in csp
+    forged = httpx.get(f"{served.url}/ui/compare", cookies={"chatforge_ui_key": "sk-wrong"}, timeout=30)
+    assert forged.status_code == 401
+    signed_in = httpx.post(f"{served.url}/ui/login", data={"key": ENV_KEY}, timeout=30)
+    assert signed_in.status_code == 303
+    cookie = signed_in.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/ui/" in cookie
+    # a vote on completions another key asked for is refused and stores nothing
+    mine = [served.http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}).json()["id"]]
+    mine.append(served.http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}).json()["id"])
+    other = httpx.post(
+        f"{served.url}/ui/compare",
+        data={"first": mine[0], "second": mine[1], "choice": "first"},
+        headers={"Authorization": f"Bearer {ENV_KEY}"},
+        timeout=30,
+    )
+    assert other.status_code == 404 and "not yours" in other.text
+    bad = served.http.post("/ui/compare", data={"first": mine[0], "second": mine[1], "choice": "both"})
+    assert bad.status_code == 400 and "choice must be one of" in bad.text
+    own = served.http.post("/ui/compare", data={"first": mine[0], "second": mine[1], "choice": "tie"})
+    assert own.status_code == 303
+    again = served.http.post("/ui/compare", data={"first": mine[0], "second": mine[1], "choice": "first"})
+    assert again.status_code == 409
+    too_long = served.http.get("/ui/compare", params={"prompt": "x" * 2001})
+    assert too_long.status_code == 400 and "2001 characters" in too_long.text
+
+
 def test_serve_bind_host_is_read_from_serve(served):
     """Canary of compat.serve_http_host: it reads Ray internals; if an upgrade changes them, this fails (and
     anonymous serving is refused) rather than anything guessing loopback."""

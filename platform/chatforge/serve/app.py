@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import secrets
 import time
 import uuid
@@ -28,7 +29,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
@@ -75,6 +76,14 @@ ROUTED_MODEL_NAMES = frozenset({"auto", "chatforge"})  # `model` values that lea
 VARIANT_HEADER = "x-chatforge-variant"
 # What a stopping ingress replica waits for its queued store writes: inside Serve's graceful_shutdown_timeout_s (20).
 STORE_DRAIN_TIMEOUT_S = 15.0
+# The human evaluation pages load nothing from anywhere (inline CSS, no script) and post only to this server.
+UI_HEADERS = {
+    "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-store",
+}
 T = TypeVar("T")
 
 
@@ -140,10 +149,11 @@ class ChatIngress:
         models: dict[str, DeploymentHandle],
         key_digests: list[str],
         user_hash_key: str | None = None,
+        eval_prompts: list[str] | None = None,
     ) -> None:
         """``key_digests``: the API keys' SHA-256 hex digests, read where ``build_app`` ran (see auth.py);
         ``user_hash_key``: hex of the key the store hashes ``user`` with, the same for every replica (None: one
-        of this replica's own)."""
+        of this replica's own); ``eval_prompts``: the prompts the human evaluation page shows raters."""
         from chatforge.compat import serve_http_host
         from chatforge.serve.auth import ApiKeys, check_access
         from chatforge.serve.feedback import FeedbackStore
@@ -178,6 +188,7 @@ class ChatIngress:
         )
         self.writer.start()
         self.created = int(time.time())
+        self.eval_prompts = list(eval_prompts or [])
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """The deployment's ``user_config``: ``{"weights": {variant: weight}}`` sets the A/B traffic split. Serve
@@ -345,21 +356,41 @@ class ChatIngress:
         self, body: ChatCompletionRequest, variant: str, params: SamplingParams, deadline: float, key_id: str | None
     ):
         started = time.perf_counter()
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
         messages = body.plain_messages()
         headers = {VARIANT_HEADER: variant}
-        record = {
-            "id": completion_id,
+        record = self._record(variant, messages, body.user, body.stream, key_id)
+        completion_id, created = record["id"], int(record["created"])
+        verdict_in = await self._check_input(record, messages, started)
+        if verdict_in.blocked:
+            return self._refusal(body, completion_id, created, variant, headers)
+        left = deadline - asyncio.get_running_loop().time()
+        request = GenerationRequest(completion_id, messages, params, timeout_s=max(left, 0.001))
+        if body.stream:
+            return await self._stream(body, request, variant, record, verdict_in, started, created, headers, deadline)
+        text, finish, logprobs, result = await self._generate(record, request, verdict_in, started, deadline)
+        payload = completion_body(
+            completion_id, created, variant, text, finish, result.prompt_tokens, result.completion_tokens, logprobs
+        )
+        return JSONResponse(payload, headers=headers)
+
+    @staticmethod
+    def _record(variant: str, messages: list[dict], user: str | None, stream: bool, key_id: str | None) -> dict:
+        """The store's record of a new completion, less what its answer decides."""
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": time.time(),
             "variant": variant,
-            "user": body.user,
+            "user": user,
             "prompt": json.dumps(messages, ensure_ascii=False),
-            "stream": body.stream,
+            "stream": stream,
             "key_id": key_id,
         }
-        verdict_in = await asyncio.to_thread(self.guard.check_input, messages)
-        if verdict_in.blocked:
+
+    async def _check_input(self, record: dict, messages: list[dict], started: float):
+        """The input guard's verdict; a blocked prompt's refusal is stored and counted here."""
+        verdict = await asyncio.to_thread(self.guard.check_input, messages)
+        if verdict.blocked:
+            variant = record["variant"]
             self.metrics.guard_block(variant, "input")
             self.metrics.request(variant, "blocked")
             self._store(
@@ -369,20 +400,20 @@ class ChatIngress:
                 prompt_tokens=0,
                 completion_tokens=0,
                 guard="blocked",
-                guard_score=verdict_in.score,
+                guard_score=verdict.score,
             )
-            return self._refusal(body, completion_id, created, variant, headers)
+        return verdict
 
-        left = deadline - asyncio.get_running_loop().time()
-        request = GenerationRequest(completion_id, messages, params, timeout_s=max(left, 0.001))
-        if body.stream:
-            return await self._stream(body, request, variant, record, verdict_in, started, created, headers, deadline)
-
+    async def _generate(self, record: dict, request: GenerationRequest, verdict_in, started: float, deadline: float):
+        """One whole answer from the record's variant, through the output guard, stored and counted:
+        (text, finish reason, logprobs or None, the replica's result)."""
+        variant = record["variant"]
         call = self.models[variant].generate.remote(request)
         result = await until(deadline, call, call.cancel, self.spec.request_timeout_s)
         if isinstance(result, Rejected):
             raise ApiError(400, result.message, param=result.param, code=result.code or "invalid_value")
-        text, finish, logprobs = result.text, result.finish_reason, result.logprobs if params.logprobs else None
+        text, finish = result.text, result.finish_reason
+        logprobs = result.logprobs if request.params.logprobs else None
         verdict_out = await asyncio.to_thread(self.guard.check_output, text)
         if verdict_out.blocked:
             self.metrics.guard_block(variant, "output")
@@ -401,10 +432,7 @@ class ChatIngress:
         self.metrics.request(variant, "blocked" if verdict_out.blocked else "ok")
         self.metrics.tokens(variant, result.prompt_tokens, result.completion_tokens)
         self.metrics.latency(variant, latency)
-        payload = completion_body(
-            completion_id, created, variant, text, finish, result.prompt_tokens, result.completion_tokens, logprobs
-        )
-        return JSONResponse(payload, headers=headers)
+        return text, finish, logprobs, result
 
     def _refusal(self, body: ChatCompletionRequest, completion_id: str, created: int, variant: str, headers):
         refusal = self.guard.refusal
@@ -523,6 +551,172 @@ class ChatIngress:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
+    # ------------------------------------------------------------ the human evaluation pages (chatforge.serve.ui)
+
+    def _ui_url(self, request: Request, page: str) -> str:
+        return f"{request.scope.get('root_path', '')}/ui/{page}"
+
+    def _page(self, page: str, status: int = 200, **context) -> HTMLResponse:
+        from chatforge.serve.ui import render
+
+        context = {"signed_in": self.keys.enabled, "max_prompt_chars": self.spec.human_eval.max_prompt_chars, **context}
+        return HTMLResponse(render(page, **context), status_code=status, headers=UI_HEADERS)
+
+    def _rater(self, request: Request) -> str | None:
+        """The rater's API key id (None: served without keys) from a bearer header or the sign-in cookie; ApiError
+        401 without a valid one, 404 when the pages are off."""
+        from chatforge.serve.ui import KEY_COOKIE
+
+        if not self.spec.human_eval.enabled:
+            raise ApiError(404, "Not Found", type="not_found_error")
+        cookie = request.cookies.get(KEY_COOKIE)
+        if self.keys.enabled and cookie and "authorization" not in request.headers:
+            key_id = self.keys.verify(f"Bearer {cookie}")
+            if key_id is None:
+                raise unauthorized()
+            return key_id
+        return self._authorize(request)
+
+    def _sign_in(self, request: Request, error: ApiError, message: str | None = None) -> HTMLResponse:
+        if error.status != 401:
+            raise error
+        if not self.keys.enabled:  # anonymous serving answers this machine only
+            return self._page("login", 401, error="This server takes no API keys and answers its own machine only.")
+        return self._page("login", 401, error=message)
+
+    async def _pair(self, prompt: str, key_id: str | None):
+        """Two variants' answers to ``prompt``, in random order, both stored as completions of ``key_id``."""
+        from chatforge.serve.ui import Pair
+
+        names = self.spec.human_eval.variants or list(self.variants)
+        if len(names) < 2:
+            raise ApiError(409, f"Comparing needs two variants; this server has one ({names[0]}).")
+        first, second = random.sample(names, 2)
+        messages = [{"role": "user", "content": prompt}]
+        deadline = asyncio.get_running_loop().time() + self.spec.request_timeout_s
+        (first_id, first_text), (second_id, second_text) = await asyncio.gather(
+            self._answer(messages, first, key_id, deadline), self._answer(messages, second, key_id, deadline)
+        )
+        return Pair(prompt, first_id, first_text, second_id, second_text)
+
+    async def _answer(self, messages: list[dict], variant: str, key_id: str | None, deadline: float):
+        """(completion id, text) of one whole answer, guarded and stored like an API completion."""
+        started = time.perf_counter()
+        record = self._record(variant, messages, None, False, key_id)
+        verdict_in = await self._check_input(record, messages, started)
+        if verdict_in.blocked:
+            return record["id"], self.guard.refusal
+        engine = self.variants[variant].engine
+        params = SamplingParams(max_tokens=engine.default_max_tokens)
+        left = deadline - asyncio.get_running_loop().time()
+        request = GenerationRequest(record["id"], messages, params, timeout_s=max(left, 0.001))
+        text, *_ = await self._generate(record, request, verdict_in, started, deadline)
+        return record["id"], text
+
+    @fastapi_app.get("/ui", include_in_schema=False)
+    async def ui_home(self, request: Request) -> RedirectResponse:
+        return RedirectResponse(self._ui_url(request, "compare"), status_code=303)
+
+    @fastapi_app.get("/ui/login", include_in_schema=False)
+    async def ui_login_form(self, request: Request) -> HTMLResponse:
+        if not self.spec.human_eval.enabled:
+            raise ApiError(404, "Not Found", type="not_found_error")
+        return self._page("login", signed_in=False)
+
+    @fastapi_app.post("/ui/login", include_in_schema=False)
+    async def ui_login(self, request: Request):
+        from chatforge.serve.ui import KEY_COOKIE, parse_form
+
+        if not self.spec.human_eval.enabled:
+            raise ApiError(404, "Not Found", type="not_found_error")
+        try:
+            key = parse_form(await read_body(request, self.spec.max_body_bytes)).get("key", "").strip()
+        except ValueError:
+            key = ""
+        if not self.keys.enabled:
+            return RedirectResponse(self._ui_url(request, "compare"), status_code=303)
+        if not key or self.keys.verify(f"Bearer {key}") is None:
+            return self._page("login", 401, signed_in=False, error="That key is not one of this server's API keys.")
+        response = RedirectResponse(self._ui_url(request, "compare"), status_code=303, headers=UI_HEADERS)
+        response.set_cookie(
+            KEY_COOKIE,
+            key,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path=self._ui_url(request, ""),
+        )
+        return response
+
+    @fastapi_app.post("/ui/logout", include_in_schema=False)
+    async def ui_logout(self, request: Request) -> RedirectResponse:
+        from chatforge.serve.ui import KEY_COOKIE
+
+        response = RedirectResponse(self._ui_url(request, "login"), status_code=303, headers=UI_HEADERS)
+        response.delete_cookie(KEY_COOKIE, path=self._ui_url(request, ""))
+        return response
+
+    @fastapi_app.get("/ui/compare", include_in_schema=False)
+    async def ui_compare(self, request: Request) -> HTMLResponse:
+        try:
+            key_id = self._rater(request)
+        except ApiError as error:
+            return self._sign_in(request, error)
+        own = request.query_params.get("prompt", "").strip()
+        limit = self.spec.human_eval.max_prompt_chars
+        if len(own) > limit:
+            return self._page("compare", 400, error=f"The prompt has {len(own)} characters; the limit is {limit}.")
+        prompt = own or (random.choice(self.eval_prompts) if self.eval_prompts else "")
+        if not prompt:
+            return self._page("compare", error="No prompts are configured (serve.human_eval.prompts): ask your own.")
+        try:
+            pair = await self._pair(prompt, key_id)
+        except ApiError as error:
+            return self._page("compare", error.status, error=error.message)
+        return self._page("compare", pair=pair, saved=request.query_params.get("saved") == "1")
+
+    @fastapi_app.post("/ui/compare", include_in_schema=False)
+    async def ui_vote(self, request: Request):
+        from chatforge.serve.feedback import AlreadyRated, StoreBusy, StoreUnavailable, UnknownCompletion
+        from chatforge.serve.ui import comparison_from_form, parse_form
+
+        try:
+            key_id = self._rater(request)
+        except ApiError as error:
+            return self._sign_in(request, error, "Sign in again: your vote was not saved.")
+        try:
+            comparison = comparison_from_form(parse_form(await read_body(request, self.spec.max_body_bytes)))
+            await self.writer.compare(comparison, key_id)
+        except AlreadyRated:  # before ValueError, which it is
+            return self._page("compare", 409, error="These two answers were rated already.")
+        except UnknownCompletion:
+            return self._page("compare", 404, error="The vote was not saved: those answers are not yours to rate.")
+        except ValueError as error:
+            return self._page("compare", 400, error=f"The vote was not saved: {error}.")
+        except (StoreUnavailable, StoreBusy) as error:
+            return self._page("compare", 503, error=f"The vote was not saved: {error}")
+        return RedirectResponse(f"{self._ui_url(request, 'compare')}?saved=1", status_code=303, headers=UI_HEADERS)
+
+    async def _results(self, request: Request):
+        from chatforge.serve.ui import pair_results
+
+        self._rater(request)
+        votes = await asyncio.to_thread(self.store.comparison_votes)
+        return pair_results(votes), len(votes)
+
+    @fastapi_app.get("/ui/results", include_in_schema=False)
+    async def ui_results(self, request: Request) -> HTMLResponse:
+        try:
+            pairs, total = await self._results(request)
+        except ApiError as error:
+            return self._sign_in(request, error)
+        return self._page("results", pairs=pairs, total=total)
+
+    @fastapi_app.get("/ui/results.json", include_in_schema=False)
+    async def ui_results_json(self, request: Request) -> JSONResponse:
+        pairs, total = await self._results(request)
+        return JSONResponse({"votes": total, "pairs": [pair.as_dict() for pair in pairs]})
+
 
 # ---------------------------------------------------------------- building the application
 
@@ -610,6 +804,18 @@ def user_hash_key(spec: FeedbackSpec) -> str:
     return secrets.token_hex(32)
 
 
+def human_eval_prompts(spec: ServeSpec) -> list[str]:
+    """The prompts the human evaluation page shows, read where the app is built (none when the page is off)."""
+    from chatforge.eval.prompts import load_prompts
+
+    if not spec.human_eval.enabled:
+        return []
+    try:
+        return [prompt.text for prompt in load_prompts(spec.human_eval.prompts)]
+    except (OSError, ValueError) as error:
+        raise SpecError(f"serve.human_eval.prompts: {error}") from None
+
+
 def variant_deployment(variant: VariantSpec):
     scaling = variant.autoscaling
     return ModelReplica.options(
@@ -656,4 +862,4 @@ def build_app(args: dict[str, Any]) -> Application:
         backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),
         # the A/B split as user_config: a config deploy that changes only it reweights the running replicas
         user_config={"weights": {v.name: v.weight for v in spec.variants}},
-    ).bind(spec, models, keys.hex_digests(), user_hash_key(spec.feedback))
+    ).bind(spec, models, keys.hex_digests(), user_hash_key(spec.feedback), human_eval_prompts(spec))

@@ -6,7 +6,8 @@ PII-scrubbed, and ``user`` is hashed, before they are written. ``FeedbackStore``
 thread-safe (a connection pool). No answer of the ingress waits for a write: `chatforge.serve.writer.StoreWriter`
 writes for it from one background task, in arrival order, retrying while the database is slow or down.
 ``read_feedback`` reads the store back as a Ray Dataset for continual learning; ``loop_cycles`` holds the continual
-loop's watermark (`chatforge.continual.watermark`).
+loop's watermark (`chatforge.continual.watermark`); ``comparisons`` holds the human evaluation page's choices between
+two answers to one prompt (`chatforge.serve.ui`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,43 @@ loop_cycles = sa.Table(
     sa.Column("committed", sa.Double),  # NULL while the cycle is open
     sa.Column("record", sa.Text),  # the committed cycle's cycle.json
 )
+
+
+COMPARISON_CHOICES = ("first", "second", "tie")
+
+# The human evaluation page's votes: a rater saw two completions of one prompt (from two variants, in the order
+# ``first``, ``second``) and chose one or a tie, and may have flagged either as harmful. The variants are the
+# completions' own: a vote names completions, never variants, so the page cannot leak which is which.
+comparisons = sa.Table(
+    "comparisons",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("first_completion", sa.String(128), sa.ForeignKey("completions.id"), nullable=False, unique=True),
+    sa.Column("second_completion", sa.String(128), sa.ForeignKey("completions.id"), nullable=False),
+    sa.Column("choice", sa.String(8), nullable=False),
+    sa.Column("harmful_first", sa.Boolean, nullable=False),
+    sa.Column("harmful_second", sa.Boolean, nullable=False),
+    sa.Column("key_id", sa.String(64), nullable=False),  # the rater's key, the completions' own
+    sa.Column("created", sa.Double, nullable=False, index=True),
+    sa.CheckConstraint("choice IN ('first', 'second', 'tie')", name="comparisons_choice"),
+)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A rater's choice between two completions of one prompt (the first as shown first)."""
+
+    first: str
+    second: str
+    choice: str  # COMPARISON_CHOICES
+    harmful_first: bool = False
+    harmful_second: bool = False
+
+    def __post_init__(self) -> None:
+        if self.choice not in COMPARISON_CHOICES:
+            raise ValueError(f"choice must be one of {COMPARISON_CHOICES}, got {self.choice!r}")
+        if self.first == self.second:
+            raise ValueError("a comparison needs two different completions")
 
 
 class UnknownCompletion(KeyError):
@@ -378,6 +416,65 @@ class FeedbackStore:
                 return False, False, False
             mine = owner[0] == rater
             return True, mine, mine and self._rated(connection, completion_id, rater)
+
+    def record_comparison(self, comparison: Comparison, key_id: str | None) -> int:
+        """Store a rater's choice between two completions that ``key_id`` asked for; returns the row id.
+
+        Raises UnknownCompletion when either completion is missing or another key's, AlreadyRated when the pair was
+        voted on already."""
+        rater = stored_key_id(key_id)
+        try:
+            with self._transaction() as connection:
+                owners = dict(
+                    connection.execute(
+                        sa.select(completions.c.id, completions.c.key_id).where(
+                            completions.c.id.in_([comparison.first, comparison.second])
+                        )
+                    ).all()
+                )
+                for completion_id in (comparison.first, comparison.second):
+                    if owners.get(completion_id, object()) != rater:
+                        raise UnknownCompletion(completion_id)
+                voted = sa.select(comparisons.c.id).where(comparisons.c.first_completion == comparison.first)
+                if connection.execute(voted).first() is not None:
+                    raise AlreadyRated(comparison.first)
+                result = connection.execute(
+                    comparisons.insert().values(
+                        first_completion=comparison.first,
+                        second_completion=comparison.second,
+                        choice=comparison.choice,
+                        harmful_first=comparison.harmful_first,
+                        harmful_second=comparison.harmful_second,
+                        key_id=rater,
+                        created=time.time(),
+                    )
+                )
+                return int(result.inserted_primary_key[0])
+        except sa.exc.IntegrityError as error:
+            if "first_completion" in str(error):
+                raise AlreadyRated(comparison.first) from None
+            raise
+
+    def comparison_votes(self) -> list[tuple[str, str, str, bool, bool]]:
+        """Every vote as (first variant, second variant, choice, harmful_first, harmful_second), oldest first."""
+        first, second = completions.alias("first"), completions.alias("second")
+        query = (
+            sa.select(
+                first.c.variant,
+                second.c.variant,
+                comparisons.c.choice,
+                comparisons.c.harmful_first,
+                comparisons.c.harmful_second,
+            )
+            .select_from(
+                comparisons.join(first, first.c.id == comparisons.c.first_completion).join(
+                    second, second.c.id == comparisons.c.second_completion
+                )
+            )
+            .order_by(comparisons.c.id)
+        )
+        with self._transaction(read_only=True) as connection:
+            return [(a, b, choice, bool(ha), bool(hb)) for a, b, choice, ha, hb in connection.execute(query).all()]
 
     def counts(self) -> dict[str, int]:
         with self._transaction(read_only=True) as connection:

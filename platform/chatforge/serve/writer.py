@@ -15,6 +15,7 @@ from typing import Any
 
 from chatforge.serve.feedback import (
     AlreadyRated,
+    Comparison,
     CompletionRecord,
     FeedbackStore,
     StoreBusy,
@@ -40,11 +41,12 @@ PEER_LOOKUP_WAITS_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 class _Recent:
     key_id: str  # as stored (stored_key_id)
     raters: set[str] = field(default_factory=set)
+    compared: bool = False  # shown first in a comparison that was voted on
 
 
 @dataclass(frozen=True)
 class _Write:
-    record: str  # "schema", "completion" or "feedback": the metrics' tag
+    record: str  # "schema", "completion", "feedback" or "comparison": the metrics' tag
     name: str  # the completion or feedback id, for logs
     write: Callable[[], Any]
     queued: float = field(default_factory=time.monotonic)
@@ -129,11 +131,7 @@ class StoreWriter:
         StoreUnavailable (the database must be asked and cannot answer), StoreBusy (the queue is full)."""
         self.start()
         rater = stored_key_id(key_id)
-        if completion_id not in self._recent:
-            await self._look_up(completion_id, rater)
-        entry = self._recent.get(completion_id)  # from here to the end nothing awaits: checked and taken at once
-        if entry is None or entry.key_id != rater:
-            raise UnknownCompletion(completion_id)
+        entry = await self._owned(completion_id, rater)  # from here to the end nothing awaits: checked and taken
         if rater in entry.raters:
             raise AlreadyRated(completion_id)
         public_id = new_feedback_id()
@@ -148,6 +146,36 @@ class StoreWriter:
         entry.raters.add(rater)
         self._recent.move_to_end(completion_id)  # to the newest end: it outlasts the rating's wait in the queue
         return public_id
+
+    async def compare(self, comparison: Comparison, key_id: str | None) -> None:
+        """Queue a rater's choice between two completions the key ``key_id`` asked for (the human evaluation page).
+
+        Raises UnknownCompletion (either completion missing, or another key's), AlreadyRated (this pair was voted
+        on), StoreUnavailable, StoreBusy, as ``rate`` does."""
+        self.start()
+        rater = stored_key_id(key_id)
+        await self._owned(comparison.second, rater)
+        first = await self._owned(comparison.first, rater)  # from here to the end nothing awaits
+        if first.compared:
+            raise AlreadyRated(comparison.first)
+        write = functools.partial(self.store.record_comparison, comparison, key_id)
+        if not self._put(_Write("comparison", comparison.first, write)):
+            raise StoreBusy(
+                f"The feedback store is {self.queue.qsize()} writes behind; the choice was not taken. Retry in a "
+                "moment."
+            )
+        first.compared = True
+        self._recent.move_to_end(comparison.first)
+
+    async def _owned(self, completion_id: str, rater: str) -> _Recent:
+        """What this replica knows of a completion ``rater`` asked for, asking the database when it knows nothing;
+        UnknownCompletion when there is no such completion or it is another key's."""
+        if completion_id not in self._recent:
+            await self._look_up(completion_id, rater)
+        entry = self._recent.get(completion_id)
+        if entry is None or entry.key_id != rater:
+            raise UnknownCompletion(completion_id)
+        return entry
 
     async def _look_up(self, completion_id: str, rater: str) -> None:
         """Ask the database about a completion this replica does not know of; remember it when it is ``rater``'s."""
