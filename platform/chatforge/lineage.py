@@ -130,7 +130,33 @@ def file_links(model: str, output: str, training: dict, eval_dirs: Sequence[str]
         links.append(Link("eval", eval_dir, run_id(result), os.path.abspath(eval_dir), figures))
         if str(Path(result["model_dir"]).resolve()) != model:
             disagreements.append(f"eval {eval_dir}: eval.json measured {result['model_dir']}, not {model}")
+    links += deployment_links(output)
     return links, disagreements
+
+
+def deployment_links(output: str) -> list[Link]:
+    """Where a continual cycle's candidate went: the canary deployment (and its promotion or rollback by a later
+    cycle) that the cycle.json beside its training output records."""
+    cycle_json = os.path.join(os.path.dirname(output), "cycle.json")
+    if not os.path.isfile(cycle_json):
+        return []
+    record = read_json(cycle_json)
+    deployment = record.get("deployment")
+    if not deployment:
+        gate = (record.get("eval") or {}).get("gate") or {}
+        reason = "the gate failed" if gate and not gate.get("passed") else "no canary deployment configured"
+        return [Link("deployment", f"not deployed ({reason})", None, None, {"cycle": record.get("cycle")})]
+    if deployment.get("error"):
+        label = f"canary {deployment['canary']} failed to deploy: {deployment['error']}"
+        return [Link("deployment", label, None, None, {"cycle": record.get("cycle")})]
+    figures = {"cycle": record.get("cycle"), "weights": deployment.get("weights")}
+    links = [Link("deployment", f"canary {deployment['canary']} on {deployment['app']}", None, None, figures)]
+    for later in sorted(Path(output).parent.parent.glob("cycle-*/cycle.json")):  # the loop output's other cycles
+        decision = read_json(str(later)).get("canary") or {}
+        if decision.get("canary") == deployment["canary"] and decision.get("action") in ("promote", "rollback"):
+            figures = {"cycle": read_json(str(later)).get("cycle"), "reason": decision.get("reason")}
+            links.append(Link("deployment", f"{decision['action']}d: {decision['canary']}", None, None, figures))
+    return links
 
 
 def mlflow_links(uri: str, model: str, output: str) -> list[Link]:

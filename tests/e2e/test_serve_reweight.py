@@ -1,5 +1,6 @@
-"""The A/B split is the ingress's user_config: a config deploy that changes only it moves traffic to a canary with
-no replica restarted and no request failed."""
+"""A canary on a running app, through the dashboard's REST API as `chatforge loop` does it (chatforge.continual.canary):
+deploying it adds a variant with its share of the traffic, and promoting it on its ratings moves all traffic to it by
+the ingress's user_config alone (a reconfigure: no replica restarted). Requests flow throughout and none fails."""
 
 import threading
 import time
@@ -7,7 +8,6 @@ from collections import Counter
 
 import httpx
 import pytest
-import yaml
 
 from helpers.network import free_port
 from helpers.tiny_model import save_tiny_model
@@ -29,13 +29,18 @@ def healthy(url: str) -> bool:
         return False
 
 
-def test_a_weight_change_reconfigures_the_running_ingress_without_losing_a_request(tmp_path):
+def test_a_canary_is_deployed_rated_and_promoted_on_the_running_app_without_losing_a_request(tmp_path):
     import ray
+    import sqlalchemy as sa
     from ray import serve
 
+    from chatforge.continual.canary import decide, deploy_canary
+
     model = str(save_tiny_model(tmp_path / "model"))
+    candidate = str(save_tiny_model(tmp_path / "candidate"))
     port, dashboard = free_port(), free_port()
     engine = {"default_max_tokens": 4, "max_tokens_limit": 8}
+    store = f"sqlite:///{tmp_path / 'feedback.db'}"
     config = {
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [
@@ -44,12 +49,9 @@ def test_a_weight_change_reconfigures_the_running_ingress_without_losing_a_reque
                 "route_prefix": "/",
                 "import_path": "chatforge.serve.app:build_app",
                 "args": {
-                    "variants": [
-                        {"name": "main", "model": model, "weight": 1, "num_cpus": 0.4, "engine": engine},
-                        {"name": "canary", "model": model, "weight": 0, "num_cpus": 0.4, "engine": engine},
-                    ],
+                    "variants": [{"name": "main", "model": model, "num_cpus": 0.4, "engine": engine}],
                     "auth": {"anonymous": True},
-                    "feedback": {"url": f"sqlite:///{tmp_path / 'feedback.db'}"},
+                    "feedback": {"url": store, "url_env": None},
                     "ingress_num_cpus": 0.2,
                 },
             }
@@ -60,30 +62,23 @@ def test_a_weight_change_reconfigures_the_running_ingress_without_losing_a_reque
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        api = f"http://127.0.0.1:{dashboard}/api/serve/applications/"
+        rest = f"http://127.0.0.1:{dashboard}"
         url = f"http://127.0.0.1:{port}"
 
-        def deploy(weights: dict | None) -> None:
-            body = yaml.safe_load(yaml.safe_dump(config))
-            if weights is not None:
-                body["applications"][0]["deployments"] = [
-                    {"name": "chatforge-ingress", "user_config": {"weights": weights}}
-                ]
-            response = httpx.put(api, json=body, timeout=60)
-            assert response.status_code == 200, response.text
-
-        def answered_by(user: str) -> str:
+        def answer(user: str, model_name: str | None = None) -> dict:
             body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "user": user}
+            if model_name:
+                body["model"] = model_name
             response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
             assert response.status_code == 200, response.text
-            return response.json()["model"]
+            return response.json()
 
-        deploy(None)
+        response = httpx.put(f"{rest}/api/serve/applications/", json=config, timeout=60)
+        assert response.status_code == 200, response.text
         wait_for(lambda: healthy(url), "the app's start")
-        created = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["created"]
-        assert {answered_by(f"user-{i}") for i in range(6)} == {"main"}  # the canary has weight 0
+        assert {answer(f"user-{i}")["model"] for i in range(6)} == {"main"}
 
-        statuses: list[int] = []
+        statuses: list[int | str] = []
         stop = threading.Event()
 
         def traffic() -> None:
@@ -97,16 +92,37 @@ def test_a_weight_change_reconfigures_the_running_ingress_without_losing_a_reque
         sender = threading.Thread(target=traffic, daemon=True)
         sender.start()
         try:
-            deploy({"main": 0, "canary": 1})
-            wait_for(lambda: answered_by("someone") == "canary", "the move of traffic to the canary", 60)
+            live = deploy_canary(rest, "chatforge", "canary", candidate, 0.5, None, timeout_s=180)
+            assert live.production == "main" and live.weights == {"main": 0.5, "canary": 0.5}
+            assert {answer(f"user-{i}")["model"] for i in range(16)} == {"main", "canary"}  # sticky, split by user
+            created = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["created"]
+
+            # the canary's answers are liked, production's are not: significant at min_ratings=6
+            for i in range(6):
+                for variant, rating in (("canary", 1), ("main", -1)):
+                    completion = answer(f"rater-{i}", variant)
+                    rated = httpx.post(
+                        f"{url}/v1/feedback", json={"completion_id": completion["id"], "rating": rating}, timeout=30
+                    )
+                    assert rated.status_code == 200, rated.text
+            database = sa.create_engine(store)
+            wait_for(
+                lambda: database.connect().execute(sa.text("SELECT count(*) FROM feedback")).scalar() == 12,
+                "the ratings' writes",
+                60,
+            )
+            decision = decide(rest, database, live, alpha=0.05, min_ratings=6, timeout_s=180)
+            assert decision.action == "promote", decision.reason
+            assert decision.weights == {"main": 0.0, "canary": 1.0}
+            wait_for(lambda: answer("someone")["model"] == "canary", "the move of traffic to the canary", 60)
             time.sleep(2)  # traffic keeps flowing after the change, too
         finally:
             stop.set()
             sender.join(timeout=70)
         assert statuses and set(statuses) == {200}, Counter(statuses)
-        # the same ingress replica (its start time) took the change: a reconfigure, not a restart
+        # the same ingress replica (its start time) took the promotion: a reconfigure, not a restart
         assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["created"] == created
-        assert {answered_by(f"user-{i}") for i in range(6)} == {"canary"}
+        assert {answer(f"user-{i}")["model"] for i in range(6)} == {"canary"}
     finally:
         serve.shutdown()
         ray.shutdown()

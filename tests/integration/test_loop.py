@@ -310,3 +310,61 @@ def test_response_conditioning_regenerates_only_the_earlier_assistant_turns(firs
     assert conditioned[2]["content"] != "HUMAN first" and conditioned[4]["content"] != "HUMAN second"
     # greedy: the same deployed model gives the same turns again, the second given the regenerated first
     assert condition_responses([multi], first_cycle["deployed"], spec).conversations[0] == conditioned
+
+
+def test_a_loop_killed_mid_cycle_loses_and_repeats_no_feedback_row(first_cycle, tmp_path):
+    """`chatforge loop` SIGKILLed (with its Ray) while fine-tuning, then run again: the cycle is reopened with the
+    same feedback ids and committed once, so every row belongs to exactly one committed cycle."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root, store = first_cycle["root"], first_cycle["store"]
+    deployed, replay = first_cycle["deployed"], first_cycle["replay"]
+    rate_more(store, random.Random(14), 4, start=len(PLAN) + 8)  # with the 8 the earlier test left waiting
+    committed_before = [c for c in cycles(store) if c["committed"]]
+    spec_file = tmp_path / "loop.yaml"
+    spec_file.write_text("name: killed\n")
+    overrides = [
+        *TINY_TRAINING,
+        "model.max_length=128",
+        "train.max_steps=200",  # long enough to be killed while fine-tuning
+        "train.eval_every=100",
+        *TINY_EVAL,
+        "curate.split={train: 1.0, val: 0.0, test: 0.0}",
+        f"serve.feedback.url={store.url}",
+        "serve.feedback.url_env=null",
+        f"loop.deployed_model={deployed}",
+        f"loop.replay_data=['{replay}']",
+        f"loop.output={root / 'loop'}",
+        "loop.settle_s=0",
+        "loop.condition_responses=false",
+        "loop.uncertainty=false",
+    ]
+    argv = [sys.executable, "-m", "chatforge.cli", "loop", str(spec_file), *overrides]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    killed = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    curated = root / "loop" / "cycle-0002" / "feedback" / "manifest.json"  # curation done: fine-tuning is next
+    deadline = time.monotonic() + 300
+    while not curated.exists():
+        assert killed.poll() is None, killed.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the cycle did not finish curating in 300 s"
+        time.sleep(0.5)
+    time.sleep(5)  # into the fine-tuning
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    opened = cycles(store)[-1]
+    assert (opened["cycle"], opened["committed"]) == (2, None)  # open, as the kill left it
+
+    finished = subprocess.run([*argv, "train.max_steps=4"], env=env, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    committed = [c for c in cycles(store) if c["committed"]]
+    assert len(committed) == len(committed_before) + 1
+    again = committed[-1]
+    assert (again["cycle"], again["after_feedback_id"]) == (2, opened["after_feedback_id"])
+    assert again["upto_feedback_id"] == opened["upto_feedback_id"] and again["record"]["reopened"]
+    assert again["record"]["rows_read"] == 12  # 6 + 2 from the earlier test, 4 here: each once
+    spans = [(c["after_feedback_id"], c["upto_feedback_id"]) for c in committed]
+    covered = [i for after, upto in spans for i in range(after + 1, upto + 1)]
+    assert sorted(covered) == list(range(1, max(covered) + 1))  # no id twice, none skipped

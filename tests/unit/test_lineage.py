@@ -186,3 +186,27 @@ def test_the_command_prints_each_kind_and_json(spec, tmp_path):
     printed = json.loads(result.stdout)
     assert printed["model_dir"] == str(model.resolve()) and printed["disagreements"] == []
     assert [link["kind"] for link in printed["links"]] == list(KINDS)
+
+
+def test_a_cycles_candidate_links_to_its_canary_deployment_and_its_promotion(tmp_path):
+    from chatforge.lineage import deployment_links
+
+    first, second = tmp_path / "loop" / "cycle-0001", tmp_path / "loop" / "cycle-0002"
+    (first / "train").mkdir(parents=True)
+    second.mkdir(parents=True)
+    deployment = {
+        "action": "deploy",
+        "app": "chatforge",
+        "canary": "candidate-0001",
+        "weights": {"candidate-0001": 0.1},
+    }
+    write_json(first / "cycle.json", {"cycle": 1, "deployment": deployment})
+    decision = {"action": "promote", "app": "chatforge", "canary": "candidate-0001", "reason": "significantly better"}
+    write_json(second / "cycle.json", {"cycle": 2, "canary": decision, "deployment": None})
+    deployed, promoted = deployment_links(str(first / "train"))
+    assert deployed.label == "canary candidate-0001 on chatforge" and deployed.details["cycle"] == 1
+    assert promoted.label == "promoted: candidate-0001" and promoted.details["cycle"] == 2
+    write_json(second / "cycle.json", {"cycle": 2, "eval": {"gate": {"passed": False}}, "deployment": None})
+    (gated,) = deployment_links(str(second / "train"))
+    assert gated.label == "not deployed (the gate failed)"
+    assert deployment_links(str(tmp_path / "elsewhere" / "train")) == []  # not a cycle's training output

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from chatforge.cli import curate, eval, lineage, loop, serve, train, tune
+from chatforge.cli import curate, eval, lineage, loop, run, serve, train, tune
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train and run chat assistants on Ray.")
 
@@ -19,6 +19,7 @@ app.command()(tune.tune)
 app.command(name="eval")(eval.eval)
 app.command()(lineage.lineage)
 app.command()(loop.loop)
+app.command()(run.run)
 
 
 @app.command()

@@ -39,6 +39,14 @@ def cycle_table(result) -> Table:
     gate = record["eval"]["gate"]
     verdict = "[green]PASS[/]" if gate["passed"] else "[red]FAIL[/]"
     table.add_row("gate", "; ".join(gate["reasons"]), verdict)
+    decision, deployment = record.get("canary"), record.get("deployment")
+    if decision:
+        table.add_row("canary", f"{decision['canary']}: {decision['reason']}", decision["action"])
+    if deployment and deployment.get("error"):
+        table.add_row("deployment", deployment["error"], "[red]failed[/]")
+    elif deployment:
+        weights = ", ".join(f"{name} {weight:g}" for name, weight in deployment["weights"].items())
+        table.add_row("deployment", f"{deployment['canary']} on {deployment['app']}: {weights}", "canary")
     return table
 
 
@@ -72,6 +80,10 @@ def track_cycle(tracked, result) -> None:
     if "eval" in record:
         metrics["gate.passed"] = int(record["eval"]["gate"]["passed"])
         tracked.tags({"chatforge.loop.candidate_model": record["candidate_model"]})
+    for key in ("canary", "deployment"):
+        change = record.get(key)
+        if change:
+            tracked.tags({f"chatforge.loop.{key}": f"{change['action']} {change['canary']} on {change['app']}"})
     tracked.metrics(metrics)
     if result.output:
         tracked.artifact(os.path.join(result.output, CYCLE_JSON))
@@ -133,6 +145,9 @@ def loop(
         )
         return
     console.print(cycle_table(result))
+    deployment = result.record.get("deployment") or {}
+    if deployment.get("error"):
+        fail(f"the cycle is committed, but its candidate was not deployed: {deployment['error']}", code=1)
     console.print(
         f"cycle: [bold]{result.output}/cycle.json[/]   review queue: {result.record['selected']['review']['file']}   "
         f"candidate: {result.record['candidate_model']}   eval: {result.record['eval']['output']}",

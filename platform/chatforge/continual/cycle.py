@@ -11,8 +11,11 @@ In order, each phase told to ``progress``, each output under OUTPUT/cycle-NNNN/:
   5. curate feedback.jsonl with the spec's curation steps into feedback/ (its datasets are named "feedback");
   6. fine-tune the deployed model on it, mixed with replay data by ``loop.replay_ratio``, into train/;
   7. evaluate the candidate against the deployed model on the replay data's test split, into eval/ (the gate);
-  8. write cycle.json and commit the cycle.
-Deploying the candidate is not part of a cycle: cycle.json's ``deployment`` is null.
+  8. with ``loop.canary.dashboard`` set (`canary`): decide on the canary an earlier cycle deployed (promote, roll
+     back, or wait on more ratings), then deploy a candidate that passed as the next canary unless one is still
+     being compared;
+  9. write cycle.json and commit the cycle.
+After a promotion, cycles fine-tune from and gate against the promoted model instead of ``loop.deployed_model``.
 
 Any failure after step 1 propagates and leaves the cycle open, so the next run reopens it with the same feedback
 ids: no row is used twice or skipped. A reopened cycle starts its directory afresh.
@@ -34,8 +37,9 @@ import sqlalchemy as sa
 
 from chatforge.config import SourceSpec, Spec, TrainDataSpec
 from chatforge.continual.build import SOURCE, USES, conversation
+from chatforge.continual.canary import canary_step, promoted_model
 from chatforge.continual.select import add_disagreement, select
-from chatforge.continual.watermark import Cycle, abandon_cycle, commit_cycle, open_cycle
+from chatforge.continual.watermark import Cycle, abandon_cycle, commit_cycle, cycles, open_cycle
 from chatforge.files import write_atomic
 from chatforge.serve.feedback import FeedbackStore, read_feedback, safe_url
 
@@ -312,6 +316,12 @@ def run_cycle(
         if cycle.empty:
             abandon_cycle(store, cycle)
             return CycleResult("no_new_feedback", cycle, None, record | {"status": "no_new_feedback"})
+        history = cycles(store)
+        promoted = promoted_model(history)
+        if promoted:  # the model users are served now
+            spec = spec.model_copy(update={"loop": loop.model_copy(update={"deployed_model": promoted})})
+            loop = spec.loop
+            record["deployed_model_from"] = "promoted canary"
         # Checked once there is feedback to learn from; from here on a failure leaves the cycle open.
         inputs = loop_inputs(spec)
 
@@ -363,13 +373,19 @@ def run_cycle(
         train_spec = spec.model_copy(
             update={
                 "model": spec.model.model_copy(update={"name_or_path": inputs.deployed_model}),
-                "train": spec.train.model_copy(update={"output": os.path.join(output, "train"), "data": data}),
+                "train": spec.train.model_copy(
+                    update={
+                        "output": os.path.join(output, "train"),
+                        "data": data,
+                        "max_steps": loop.max_steps or spec.train.max_steps,
+                    }
+                ),
             }
         )
 
         def on_report(report: dict[str, Any]) -> None:
             loss = f", loss {report['loss']:.3f}" if "loss" in report else ""
-            say(f"fine-tuning: step {report.get('step', 0)}/{spec.train.max_steps}{loss}")
+            say(f"fine-tuning: step {report.get('step', 0)}/{train_spec.train.max_steps}{loss}")
 
         training = run_training(
             train_spec, progress=lambda message: say(f"fine-tuning: {message}"), on_report=on_report, tracked=tracked
@@ -385,11 +401,23 @@ def run_cycle(
             progress=lambda message: say(f"evaluating: {message}"),
             tracking=tracking,
         )
+        decision = deployment = None
+        if loop.canary.dashboard:
+            decision, deployment = canary_step(
+                loop.canary,
+                store.engine,
+                history,
+                cycle.number,
+                bool((evaluation.data["gate"] or {}).get("passed")),
+                training.summary["model_dir"],
+                say,
+            )
         record |= {
             "eval": eval_summary(evaluation),
             "deployed_model": inputs.deployed_model,
             "candidate_model": training.summary["model_dir"],
-            "deployment": None,
+            "canary": decision,
+            "deployment": deployment,
             "tracking": tracking,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
