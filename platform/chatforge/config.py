@@ -714,6 +714,12 @@ class LoopSpec(Strict):
         description="share of the training rows drawn from the replay data (earlier training data), so the model "
         "does not forget; the feedback gets the rest",
     )
+    deployed_eval: str | None = Field(
+        None,
+        description="a `chatforge eval` output dir of the deployed model, measured with this spec's eval settings on "
+        "the replay data's test split: the gate takes its baseline from it instead of measuring the model again "
+        "(ignored when any of that differs)",
+    )
     max_steps: int | None = Field(
         None,
         ge=1,

@@ -336,6 +336,7 @@ def run_lifecycle(
             paths["loop"],
             f"loop.deployed_model={model}",
             f"loop.replay_data=[{curated_data}]",
+            f"loop.deployed_eval={paths['eval']}",  # the eval stage measured the deployed model: the gate reuses it
         )
         run_child(argv, child_env())
         cycles = sorted(Path(paths["loop"]).glob("cycle-*/cycle.json"))

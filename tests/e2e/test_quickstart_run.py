@@ -89,6 +89,9 @@ def test_chatforge_run_takes_the_quickstart_from_data_to_a_served_model_and_one_
     cycle = json.loads((out / "loop" / "cycle-0001" / "cycle.json").read_text())
     assert cycle["feedback_ids"] == {"after": 0, "upto": 6} and cycle["rows_read"] == 6
     assert stages["loop"]["details"]["gate"]["checks"] and (out / "loop" / "cycle-0001" / "train" / "model").is_dir()
+    gate_eval = json.loads((out / "loop" / "cycle-0001" / "eval" / "eval.json").read_text())
+    assert "baseline_generation_s" not in gate_eval["timings"]  # the eval stage's measurements, not measured again
+    assert gate_eval["baseline"]["perplexity"] == stages["eval"]["details"]["perplexity"]
     server_log = (out / "serve" / "serve.log").read_text()
     assert "stopping" in server_log  # the server was stopped by the run, in order
 

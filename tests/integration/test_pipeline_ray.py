@@ -202,3 +202,36 @@ def test_a_parquet_directory_of_mixed_schemas_is_read_row_by_row(ray_local, tmp_
     assert manifest["dropped"] == {"malformed:bad_id": 1, "malformed:bad_meta": 1}
     origins = sorted(json.loads(row["meta"])["origin"] for row in read_dir(tmp_path / "out" / "dropped"))
     assert origins == [f"{parts / 'b_int_id.parquet'}#row=0", f"{parts / 'c_struct_meta.parquet'}#row=0"]
+
+
+def test_a_ray_dataset_is_a_source_counted_checked_and_fingerprinted_like_a_file(ray_local, tmp_path):
+    import ray.data
+
+    from chatforge.data.sources import SourceError, dataset_source
+
+    rng = random.Random(3)
+    rows = [
+        {"id": f"c{i}", "messages": conversation(rng, turns=4), "meta": json.dumps({"n": i}), "extra": i}
+        for i in range(40)
+    ]
+    rows.append({"id": "bad-role", "messages": [{"role": "wizard", "content": "hm"}], "meta": None, "extra": 0})
+    rows.append({"id": "bad-meta", "messages": conversation(rng, turns=2), "meta": "{not json", "extra": 0})
+    out = tmp_path / "out"
+    spec = load_spec(None, [f"curate.output={out}", "curate.sources=[]", "curate.steps=[normalize, filters, split]"])
+    manifest = run_curation(spec, datasets={"given": ray.data.from_items(rows)}).manifest
+    assert manifest["input_records"] == 42 and manifest["kept"] == 40
+    assert manifest["dropped"] == {"malformed:bad_meta": 1, "malformed:unknown_role": 1}
+    (source,) = manifest["sources"]
+    assert (source["name"], source["format"], source["rows"]) == ("given", "dataset", 42)
+    kept = read_dir(out / "data")
+    assert {row["id"] for row in kept} == {f"c{i}" for i in range(40)}
+    assert json.loads(kept[0]["meta"])["n"] in range(40)  # meta kept; columns curation does not read are not
+
+    # the fingerprint is the rows', whatever the blocks; other rows, another fingerprint
+    same = dataset_source("given", ray.data.from_items(rows, override_num_blocks=5))
+    assert same.fingerprint == dataset_source("given", ray.data.from_items(rows[::-1])).fingerprint
+    assert same.rows == 42 and same.fingerprint != dataset_source("given", ray.data.from_items(rows[1:])).fingerprint
+    with pytest.raises(SourceError, match="no `messages` column"):
+        run_curation(spec, datasets={"given": ray.data.from_items([{"text": "hi"}])})
+    with pytest.raises(SourceError, match="nothing to curate"):
+        run_curation(spec)

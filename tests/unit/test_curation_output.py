@@ -102,7 +102,7 @@ def spec(tmp_path):
 def fake_run(stats: dict, read_records: int):
     """A `_write_staged` that writes a run's outputs (2 kept rows, 1 dropped) without Ray."""
 
-    def write_staged(curate, staging):
+    def write_staged(curate, staging, datasets=()):
         write_output(Path(staging), "new")
         counts = ReadCounts(os.path.join(staging, ".read-counts"), {"task": "in.jsonl"})
         os.makedirs(counts.directory)
@@ -124,7 +124,7 @@ def test_a_run_whose_counts_do_not_add_up_leaves_the_previous_output(spec, tmp_p
 def test_a_run_that_fails_midway_leaves_the_previous_output(spec, tmp_path, monkeypatch):
     write_output(tmp_path / "out", "old")
 
-    def crash(curate, staging):
+    def crash(curate, staging, datasets=()):
         write_output(Path(staging), "half")
         raise RuntimeError("a worker died")
 

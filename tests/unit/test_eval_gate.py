@@ -111,3 +111,25 @@ def test_thresholds_come_from_the_spec():
         load_spec(None, ["eval.gate.max_toxicity_increase=2"])
     with pytest.raises(SpecError, match="eval.gate.max_bias_gaps: unknown key"):
         load_spec(None, ["eval.gate.max_bias_gaps=0.1"])
+
+
+def test_a_baseline_is_reused_only_from_an_evaluation_of_the_same_model_data_and_settings(tmp_path):
+    import json
+
+    from chatforge.config import load_spec
+    from chatforge.eval.run import SUMMARY_KEYS, eval_settings, reusable_baseline
+
+    spec = load_spec(None, ["eval.max_prompts=4"])
+    prior = {key: None for key in SUMMARY_KEYS} | {"model_dir": "/m", "perplexity": 12.5, "toxicity_rate": 0.0}
+    config = eval_settings(spec)
+    config["eval"] = {**config["eval"], "output": "/elsewhere", "data": "/d"}  # where it wrote does not matter
+    (tmp_path / "eval.json").write_text(
+        json.dumps(prior | {"data_dir": "/d", "split": "test", "config": config, "samples": []})
+    )
+    reused = reusable_baseline(str(tmp_path), "/m", "/d", spec)
+    assert reused is not None and reused["perplexity"] == 12.5 and set(reused) == set(SUMMARY_KEYS)
+    assert reusable_baseline(str(tmp_path), "/other-model", "/d", spec) is None
+    assert reusable_baseline(str(tmp_path), "/m", "/other-data", spec) is None
+    assert reusable_baseline(str(tmp_path), "/m", "/d", load_spec(None, ["eval.max_prompts=5"])) is None
+    assert reusable_baseline(str(tmp_path / "nothing-here"), "/m", "/d", spec) is None
+    assert reusable_baseline(None, "/m", "/d", spec) is None

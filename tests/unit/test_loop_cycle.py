@@ -202,3 +202,20 @@ def test_the_command_fails_in_one_line_before_ray_without_a_deployed_model(tmp_p
     assert "error: loop.deployed_model is not set" in result.stderr and "Traceback" not in result.stderr
     result = CliRunner().invoke(app, ["loop", str(spec), f"loop.deployed_model={tmp_path / 'nope'}"])
     assert result.exit_code == 2 and "no model here" in result.stderr
+
+
+def test_the_operator_abandons_an_open_cycle_and_its_rows_go_to_the_next(store, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: ops\n")
+    at_store = [f"serve.feedback.url={store.url}", "serve.feedback.url_env=null"]
+    nothing = CliRunner().invoke(app, ["loop", str(spec), *at_store, "--abandon"])
+    assert nothing.exit_code == 0 and "no open cycle" in nothing.stderr
+    ids = rate(store, 3)
+    stuck = open_cycle(store, settle_s=0)  # a run that failed part way leaves it open
+    result = CliRunner().invoke(app, ["loop", str(spec), *at_store, "--abandon"])
+    assert result.exit_code == 0, result.stderr
+    assert f"abandoned cycle {stuck.number}: feedback ids 1 to {max(ids)}" in " ".join(result.stderr.split())
+    assert cycles(store) == []
+    rate(store, 2, start=3)
+    after = open_cycle(store, settle_s=0)
+    assert (after.number, after.after_feedback_id, after.upto_feedback_id) == (stuck.number, 0, max(ids) + 2)

@@ -89,10 +89,49 @@ def track_cycle(tracked, result) -> None:
         tracked.artifact(os.path.join(result.output, CYCLE_JSON))
 
 
+def abandon_open_cycle(spec: Path, overrides: list[str] | None, output: str | None) -> None:
+    """`chatforge loop --abandon`: forget the open cycle, if there is one."""
+    import sqlalchemy as sa
+
+    from chatforge.continual.cycle import LoopInputError, open_store
+    from chatforge.continual.watermark import Cycle, CycleConflict, abandon_cycle, cycles
+
+    try:
+        store = open_store(load_with_flags(spec, overrides, "loop.output", output))
+    except (SpecError, LoopInputError) as err:
+        fail(str(err))
+    try:
+        last = (cycles(store) or [None])[-1]
+        if last is None or last["committed"] is not None:
+            console.print("no open cycle: nothing to abandon")
+            return
+        cycle = Cycle(last["cycle"], last["after_feedback_id"], last["upto_feedback_id"], reopened=True)
+        abandon_cycle(store, cycle)
+    except CycleConflict as err:
+        fail(str(err), code=1)
+    except sa.exc.OperationalError as err:
+        fail(f"the feedback store cannot be reached: {err.orig}", code=1)
+    finally:
+        store.dispose()
+    console.print(
+        f"abandoned cycle {cycle.number}: feedback ids {cycle.after_feedback_id + 1} to {cycle.upto_feedback_id} go "
+        "to the next cycle",
+        highlight=False,
+    )
+
+
 def loop(
     spec: Annotated[Path, typer.Argument(help="loop spec (YAML), e.g. pipelines/continual.yaml")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="output directory (loop.output)")] = None,
+    abandon: Annotated[
+        bool,
+        typer.Option(
+            "--abandon",
+            help="forget the cycle an earlier run left open (it failed part way): its feedback rows go to the next "
+            "cycle, with any newer ones, instead of being retried alone; runs no cycle",
+        ),
+    ] = False,
 ) -> None:
     """Run one continual-learning cycle: the feedback since the last cycle to a review queue and curated training
     data, a candidate fine-tuned from the deployed model with replay, and its eval gate; writes
@@ -109,6 +148,9 @@ def loop(
     from chatforge.tracking import command_run
     from chatforge.train.data import TrainDataError
 
+    if abandon:
+        abandon_open_cycle(spec, overrides, output)
+        return
     try:
         loaded = load_with_flags(spec, overrides, "loop.output", output)
         loop_inputs(loaded)  # a missing model or data dir, or an unreachable store, fails here, before Ray starts

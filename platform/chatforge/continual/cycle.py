@@ -8,7 +8,8 @@ In order, each phase told to ``progress``, each output under OUTPUT/cycle-NNNN/:
      that train. Fewer than ``loop.min_train_conversations``: abandoned, ``not_enough_feedback``, so the rows wait;
   4. regenerate the earlier assistant turns of multi-turn training conversations with the deployed model
      (`conditioning`, ``loop.condition_responses``), the final turn kept as the target;
-  5. curate feedback.jsonl with the spec's curation steps into feedback/ (its datasets are named "feedback");
+  5. curate the training conversations (as a Ray Dataset; feedback.jsonl holds the same) with the spec's curation
+     steps into feedback/ (its datasets are named "feedback");
   6. fine-tune the deployed model on it, mixed with replay data by ``loop.replay_ratio``, into train/;
   7. evaluate the candidate against the deployed model on the replay data's test split, into eval/ (the gate);
   8. with ``loop.canary.dashboard`` set (`canary`): decide on the canary an earlier cycle deployed (promote, roll
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from chatforge.config import SourceSpec, Spec, TrainDataSpec
+from chatforge.config import Spec, TrainDataSpec
 from chatforge.continual.build import SOURCE, USES, conversation
 from chatforge.continual.canary import canary_step, promoted_model
 from chatforge.continual.select import add_disagreement, select
@@ -228,10 +229,25 @@ def training_data(feedback_dir: str, replay: list[TrainDataSpec], replay_ratio: 
     return data
 
 
-def feedback_curation_spec(spec: Spec, feedback_jsonl: str, output: str) -> Spec:
-    """The spec with feedback.jsonl as its one curation source (named `build.SOURCE`) and ``output`` as its output."""
-    source = SourceSpec(name=SOURCE, format="openai", path=feedback_jsonl)
-    return spec.model_copy(update={"curate": spec.curate.model_copy(update={"sources": [source], "output": output})})
+def feedback_curation_spec(spec: Spec, output: str) -> Spec:
+    """The spec with no file source (the feedback comes as a Ray Dataset, `feedback_dataset`) and ``output``."""
+    return spec.model_copy(update={"curate": spec.curate.model_copy(update={"sources": [], "output": output})})
+
+
+def feedback_dataset(lines: list[dict[str, Any]]):
+    """feedback.jsonl's lines as the Ray Dataset curation reads (source `build.SOURCE`): its id, messages, and the
+    rest of the line as meta, as the file's OpenAI-format reader would make them."""
+    import ray.data
+
+    rows = [
+        {
+            "id": f"{SOURCE}:{line['id']}",
+            "messages": line["messages"],
+            "meta": json.dumps({k: v for k, v in line.items() if k not in ("id", "messages")}, ensure_ascii=False),
+        }
+        for line in lines
+    ]
+    return ray.data.from_items(rows)
 
 
 def add_empty_val_split(data_dir: str) -> bool:
@@ -352,7 +368,8 @@ def run_cycle(
             train, record["conditioning"] = conditioned(train, inputs.deployed_model, spec, say)
         review_file, feedback_file = os.path.join(output, REVIEW_JSONL), os.path.join(output, FEEDBACK_JSONL)
         write_jsonl(review_file, [review_line(row) for row in review])
-        write_jsonl(feedback_file, [training_line(row) for row in train])
+        training_lines = [training_line(row) for row in train]
+        write_jsonl(feedback_file, training_lines)
         record["selected"] = {
             "review": {"file": review_file, "conversations": len(review)},
             "train": {"file": feedback_file, "conversations": len(train)},
@@ -360,8 +377,8 @@ def run_cycle(
 
         say(f"curating {len(train)} feedback conversations")
         # curated into feedback/: training names a dataset by its curation dir, so its eval_loss is "feedback"'s
-        curation_spec = feedback_curation_spec(spec, feedback_file, os.path.join(output, "feedback"))
-        curation = run_curation(curation_spec, tracking=tracking)
+        curation_spec = feedback_curation_spec(spec, os.path.join(output, "feedback"))
+        curation = run_curation(curation_spec, tracking=tracking, datasets={SOURCE: feedback_dataset(training_lines)})
         record["curation"] = curation_summary(curation)
         if curation.manifest["splits"].get("train", 0) < loop.min_train_conversations:
             abandon_cycle(store, cycle)
@@ -400,6 +417,7 @@ def run_cycle(
             output_dir=os.path.join(output, "eval"),
             progress=lambda message: say(f"evaluating: {message}"),
             tracking=tracking,
+            baseline_eval=loop.deployed_eval,
         )
         decision = deployment = None
         if loop.canary.dashboard:

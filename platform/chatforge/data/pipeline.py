@@ -38,7 +38,16 @@ from chatforge.data.filters import REPAIRS, FiltersStep
 from chatforge.data.normalize import NormalizeStep
 from chatforge.data.pii import PiiStep
 from chatforge.data.schema import STAGE_SECONDS_COLUMN
-from chatforge.data.sources import ReadCounts, read_source, scan_source
+from chatforge.data.sources import (
+    DATASET_FORMAT,
+    DatasetSource,
+    ReadCounts,
+    SourceError,
+    dataset_source,
+    read_dataset_source,
+    read_source,
+    scan_source,
+)
 from chatforge.data.split import SplitStep
 from chatforge.data.toxicity import ToxicityStep
 
@@ -67,13 +76,22 @@ def build_steps(curate: CurateSpec, workdir: str | None = None) -> list:
     ]
 
 
-def curated_dataset(curate: CurateSpec, workdir: str | None = None, counts: ReadCounts | None = None):
-    """The Ray Dataset of every input record after every step.
+def curated_dataset(
+    curate: CurateSpec,
+    workdir: str | None = None,
+    counts: ReadCounts | None = None,
+    datasets: list[DatasetSource] = (),
+):
+    """The Ray Dataset of every input record after every step: the spec's sources' and ``datasets``' (Ray Datasets
+    of conversations, see `read_dataset_source`).
 
     Lazy up to dedup, which runs everything before it once (staging the rows under ``workdir``); the rest runs when
     the dataset is consumed, which must happen before ``workdir`` is removed. ``counts`` hears what the readers emit.
     """
     parts = [read_source(source, curate.read, curate.normalize, counts) for source in curate.sources]
+    parts += [read_dataset_source(source, curate.normalize, counts) for source in datasets]
+    if not parts:
+        raise SourceError("curate.sources is empty and no dataset was given: nothing to curate")
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     return apply_steps(ds, build_steps(curate, workdir))
 
@@ -171,13 +189,16 @@ class CurationResult:
     files: dict[str, list[str]] = field(default_factory=dict)
 
 
-def input_fingerprint(spec: Spec, files: dict[str, list[str]]) -> str:
-    """A hash of the resolved config and the inputs (path, size, and the head and tail of each file).
+def input_fingerprint(spec: Spec, files: dict[str, list[str]], datasets: list[DatasetSource] = ()) -> str:
+    """A hash of the resolved config and the inputs (path, size, and the head and tail of each file; each dataset
+    source's row fingerprint).
 
     ``files``: each source's files, by source name (as `list_files` gives them).
     """
     digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps(resolved(spec.curate), sort_keys=True).encode())
+    for source in datasets:
+        digest.update(f"{DATASET_FORMAT}\x00{source.name}\x00{source.rows}\x00{source.fingerprint}".encode())
     for source in spec.curate.sources:
         for path in files[source.name]:
             size = os.path.getsize(path)
@@ -262,7 +283,9 @@ def check_accounting(
         raise AccountingError("accounting mismatch: " + "; ".join(problems))
 
 
-def _write_staged(curate: CurateSpec, staging: str) -> tuple[dict[str, Any], ReadCounts]:
+def _write_staged(
+    curate: CurateSpec, staging: str, datasets: list[DatasetSource] = ()
+) -> tuple[dict[str, Any], ReadCounts]:
     """Run the pipeline into ``staging``: data/ and dropped/ there, the write pass's stats and the readers' counts."""
     written = os.path.join(staging, ".written")  # Ray Data's write, partitioned by bucket
     workdir = os.path.join(staging, ".work")  # dedup's staged rows
@@ -270,7 +293,7 @@ def _write_staged(curate: CurateSpec, staging: str) -> tuple[dict[str, Any], Rea
     os.makedirs(workdir)
     os.makedirs(counts.directory)
     try:
-        ds = curated_dataset(curate, workdir, counts).map_batches(
+        ds = curated_dataset(curate, workdir, counts, datasets).map_batches(
             TagForWrite(), batch_format="pyarrow", batch_size=None
         )
         ds.write_parquet(written, partition_cols=[BUCKET_COLUMN])
@@ -323,10 +346,14 @@ def staging_dir(output: str, run_id: str) -> str:
     return os.path.join(parent, f".{name}.staging-{run_id}")
 
 
-def run_curation(spec: Spec, tracking: dict[str, Any] | None = None) -> CurationResult:
+def run_curation(
+    spec: Spec, tracking: dict[str, Any] | None = None, datasets: dict[str, Any] | None = None
+) -> CurationResult:
     """Curate per ``spec.curate`` into ``spec.curate.output``; Ray must already be initialised.
 
     ``tracking``: the command's MLflow run (`TrackedRun.record`), written into the manifest so the files name it.
+    ``datasets``: more sources, as Ray Datasets of conversations by source name (`read_dataset_source` says which
+    columns), beside or instead of ``spec.curate.sources``.
 
     Everything is written beside OUTPUT first (`staging_dir`) and moved into place once the counts check out
     (`check_accounting`); a run that fails raises, leaves OUTPUT as it was, and removes what it staged.
@@ -336,10 +363,14 @@ def run_curation(spec: Spec, tracking: dict[str, Any] | None = None) -> Curation
     started = time.perf_counter()
     scanned = {source.name: scan_source(source) for source in curate.sources}
     files = {name: found.files for name, found in scanned.items()}
-    fingerprint = input_fingerprint(spec, files)
+    given = [dataset_source(name, ds) for name, ds in (datasets or {}).items()]
+    taken = {source.name for source in curate.sources} & {source.name for source in given}
+    if taken:
+        raise SourceError(f"datasets {sorted(taken)}: curate.sources has sources of these names")
+    fingerprint = input_fingerprint(spec, files, given)
     staging = staging_dir(output, uuid.uuid4().hex[:8])
     try:
-        stats, counts = _write_staged(curate, staging)
+        stats, counts = _write_staged(curate, staging, given)
         read_records, unreported = counts.total()
         shutil.rmtree(counts.directory)
         written = _count_rows(os.path.join(staging, "data"))
@@ -362,8 +393,14 @@ def run_curation(spec: Spec, tracking: dict[str, Any] | None = None) -> Curation
             ],
             "wall_seconds": round(time.perf_counter() - started, 3),
             "sources": [
-                {"name": s.name, "format": s.format, "files": files[s.name], "skipped": scanned[s.name].skipped}
-                for s in curate.sources
+                *(
+                    {"name": s.name, "format": s.format, "files": files[s.name], "skipped": scanned[s.name].skipped}
+                    for s in curate.sources
+                ),
+                *(
+                    {"name": s.name, "format": DATASET_FORMAT, "files": [], "skipped": [], "rows": s.rows}
+                    for s in given
+                ),
             ],
             "config": resolved(curate),
             "fingerprint": fingerprint,

@@ -589,6 +589,57 @@ def _check_parquet(path: str, source: SourceSpec) -> None:
         raise SourceError(f"source {source.name!r}: {path} is not a readable Parquet file: {err}") from None
 
 
+DATASET_FORMAT = "dataset"  # a source given as a Ray Dataset (`read_dataset_source`), as manifests name it
+_HASH_MODULUS = 1 << 128
+
+
+def _rows_digest(table: pa.Table) -> pa.Table:
+    """One row: the block's row count and the sum (mod 2^128) of its rows' 128-bit hashes, so the sum over the
+    blocks fingerprints the rows whatever the blocks and their order."""
+    total = 0
+    for row in parquet_rows(table):
+        text = json.dumps(row, sort_keys=True, default=str, ensure_ascii=False)
+        total += int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest())
+    return pa.table({"rows": [table.num_rows], "digest": [str(total % _HASH_MODULUS)]})
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A source given as a Ray Dataset of conversations, counted and fingerprinted (`dataset_source`)."""
+
+    name: str
+    dataset: Any  # ray.data.Dataset
+    rows: int
+    fingerprint: str
+
+
+def dataset_source(name: str, ds) -> DatasetSource:
+    """``ds`` counted and fingerprinted in one pass over it (the curation runs it again, so a costly dataset is best
+    materialized first)."""
+    parts = ds.map_batches(_rows_digest, batch_format="pyarrow", batch_size=None).take_all()
+    total = sum(int(part["digest"]) for part in parts) % _HASH_MODULUS
+    return DatasetSource(name, ds, sum(part["rows"] for part in parts), f"{total:032x}")
+
+
+def read_dataset_source(source: DatasetSource, normalize: NormalizeSpec, counts: ReadCounts | None = None):
+    """A Ray Dataset of conversations as records, checked like a Parquet source's rows: ``messages`` (a list of
+    ``{role, content}``) and optionally ``id`` and ``meta`` (a JSON object as a string); other columns are not read.
+    A row out of that shape becomes a ``malformed:<why>`` row."""
+    if counts is not None:  # counted up front: the accounting checks that every row reaches the write
+        key = _task_key(f"{DATASET_FORMAT}:{source.name}", 0)
+        counts.expected[key] = f"the dataset {source.name!r}"
+        _report_count(counts.directory, key, source.rows)
+    names = source.dataset.schema().names
+    if "messages" not in names:
+        raise SourceError(f"source {source.name!r}: the dataset has no `messages` column (its columns: {names})")
+    check = functools.partial(
+        check_parquet_records, source=source.name, role_map=normalize.role_map, origin=f"{DATASET_FORMAT}:{source.name}"
+    )
+    return source.dataset.select_columns([column for column in PARQUET_COLUMNS if column in names]).map_batches(
+        RecordBatchFn(check, stage="read", schema=RECORD_SCHEMA, to_records=parquet_rows), batch_format="pyarrow"
+    )
+
+
 def read_source(source: SourceSpec, read: ReadSpec, normalize: NormalizeSpec, counts: ReadCounts | None = None):
     """A Ray Dataset of records (our schema) for one source; bad records are rows marked ``malformed:<why>``.
 

@@ -187,6 +187,38 @@ def _generation_lines(label: str, rows: list[dict]) -> list[str]:
 # ---------------------------------------------------------------- the run
 
 
+SUMMARY_KEYS = ("model_dir", "perplexity", "perplexity_detail", "toxicity_rate", "refusal_rate", "toxicity", "bias")
+
+
+def eval_settings(spec: Spec) -> dict[str, Any]:
+    """What decides an evaluation's measurements, as eval.json's ``config`` records it (less where it writes)."""
+    evals = resolved(spec.eval)
+    evals.pop("output", None)
+    evals.pop("data", None)
+    toxicity = spec.eval.toxicity or spec.curate.toxicity
+    return {"eval": evals, "toxicity": resolved(toxicity), "refusal": spec.serve.guard.refusal}
+
+
+def reusable_baseline(eval_dir: str | None, baseline_dir: str, data: str | None, spec: Spec) -> dict[str, Any] | None:
+    """The measurements (`summarize`'s) of ``baseline_dir`` in ``eval_dir``'s eval.json, when it measured that
+    model as its model, on ``data``, with this spec's settings; else None."""
+    path = os.path.join(eval_dir, EVAL_JSON) if eval_dir else None
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        prior = json.load(f)
+    config = dict(prior.get("config") or {})
+    if isinstance(config.get("eval"), dict):
+        config["eval"] = {k: v for k, v in config["eval"].items() if k not in ("output", "data")}
+    same = (
+        prior.get("model_dir") == baseline_dir
+        and prior.get("data_dir") == data
+        and prior.get("split") == spec.eval.split
+        and config == eval_settings(spec)
+    )
+    return {key: prior.get(key) for key in SUMMARY_KEYS} if same else None
+
+
 def run_evaluation(
     spec: Spec,
     model_dir: str,
@@ -195,12 +227,15 @@ def run_evaluation(
     output_dir: str | None = None,
     progress=None,
     tracking: dict[str, Any] | None = None,
+    baseline_eval: str | None = None,
 ) -> EvalResult:
     """Evaluate ``model_dir`` (and ``baseline_dir``) per ``spec.eval``; write eval.json, generations.jsonl and
     report.html into ``output_dir`` (default ``spec.eval.output``). Starts a local Ray per ``spec.ray`` unless this
     process has one. ``data_dir`` (default ``spec.eval.data``) holds the test split; without one, perplexity is not
     measured. ``progress(message)`` hears each phase; ``tracking`` (`TrackedRun.record`) names the command's MLflow
-    run in eval.json."""
+    run in eval.json. ``baseline_eval``: an earlier evaluation's output dir whose measurements of ``baseline_dir``
+    are taken instead of measuring it again, when it measured that model on the same data with the same settings
+    (`reusable_baseline`)."""
     from chatforge.runtime import init_ray
 
     say = progress or (lambda message: None)
@@ -218,7 +253,11 @@ def run_evaluation(
     probes = load_probes(evals.bias_templates, evals.bias_groups, evals.bias_axes, evals.max_bias_templates)
     samples = pick_samples(prompts, evals.samples)
     rows = build_rows(prompts, probes, evals, set(samples))
-    models = [model_dir] + ([baseline_dir] if baseline_dir and baseline_dir != model_dir else [])
+    reused = reusable_baseline(baseline_eval, baseline_dir, data, spec) if baseline_dir else None
+    if reused is not None:
+        say(f"the baseline's measurements: {baseline_eval} (the same model, data and settings)")
+    measured_baseline = baseline_dir and baseline_dir != model_dir and reused is None
+    models = [model_dir] + ([baseline_dir] if measured_baseline else [])
     init_ray(spec.ray)
     timings: dict[str, float] = {}
 
@@ -245,8 +284,8 @@ def run_evaluation(
     timed("attribution_s", start)
 
     candidate = summarize(model_dir, answers[model_dir], toxicity.threshold, perplexities[model_dir])
-    baseline = None
-    if baseline_dir:  # the same dir as the model's reuses its answers and perplexity
+    baseline = reused
+    if baseline_dir and reused is None:  # the same dir as the model's reuses its answers and perplexity
         baseline = summarize(baseline_dir, answers[baseline_dir], toxicity.threshold, perplexities[baseline_dir])
     result = {
         "schema": SCHEMA,
@@ -273,7 +312,7 @@ def run_evaluation(
     say(f"writing {output}")
     os.makedirs(output, exist_ok=True)
     lines = _generation_lines("model", answers[model_dir])
-    if baseline_dir:
+    if baseline_dir and baseline_dir in answers:
         lines += _generation_lines("baseline", answers[baseline_dir])
     write_atomic(os.path.join(output, GENERATIONS), "\n".join(lines) + "\n")
     result["timings"] = timings
