@@ -7,7 +7,8 @@ stage that crashes takes nothing else down), and what a stage writes is exactly 
 is the one long-lived child; the run stops it, whatever happened, before it returns.
 
 OUTPUT/summary.json names each stage (name, status "ok" or the error, output, seconds) and the lineage data -> run
--> model -> deployment; it is rewritten after every stage, so a run that stops says where.
+-> model -> deployment; it is rewritten after every stage, so a run that stops says where. A run replaces what an
+earlier run wrote into OUTPUT, the feedback store and the loop's cycles included: they rated the earlier model.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,6 +307,8 @@ def run_lifecycle(
         from chatforge.eval.perplexity import read_conversations
 
         started = time.monotonic()
+        for stale in (paths["serve"], paths["loop"]):  # an earlier run's store and cycles rated its own model
+            shutil.rmtree(stale, ignore_errors=True)
         Path(paths["serve"]).mkdir(parents=True, exist_ok=True)
         key_env = loaded.serve.auth.api_keys_env or "CHATFORGE_API_KEYS"
         log = f"{paths['serve']}/serve.log"
