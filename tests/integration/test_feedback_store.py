@@ -23,6 +23,7 @@ from chatforge.serve.feedback import (
     StoreUnavailable,
     UnknownCompletion,
     hash_user,
+    metadata,
     read_feedback,
     safe_url,
 )
@@ -41,7 +42,7 @@ def store_url(request, tmp_path):
     yield url
     engine = sa.create_engine(url)  # each test starts from empty tables
     with engine.begin() as connection:
-        connection.exec_driver_sql("DROP TABLE IF EXISTS feedback, completions")
+        metadata.drop_all(connection)  # every table of the store, the ones that reference completions first
     engine.dispose()
 
 

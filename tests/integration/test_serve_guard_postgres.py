@@ -18,6 +18,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from chatforge.serve.feedback import metadata
 from helpers.network import free_port
 from helpers.tiny_model import save_tiny_model
 
@@ -62,7 +63,7 @@ def served(tmp_path_factory, postgres_url):
     serve.shutdown()
     ray.shutdown()
     with database.begin() as connection:
-        connection.exec_driver_sql("DROP TABLE IF EXISTS feedback, completions")
+        metadata.drop_all(connection)  # every table of the store, the ones that reference completions first
     database.dispose()
 
 
