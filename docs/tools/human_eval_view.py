@@ -16,15 +16,8 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import tempfile
 from pathlib import Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -39,6 +32,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
     from ray import serve
 
+    from chatforge.lifecycle import free_port
     from chatforge.serve.app import build_app
 
     key = secrets.token_urlsafe(24)

@@ -117,11 +117,11 @@ def test_a_baseline_is_reused_only_from_an_evaluation_of_the_same_model_data_and
     import json
 
     from chatforge.config import load_spec
-    from chatforge.eval.run import SUMMARY_KEYS, eval_settings, reusable_baseline
+    from chatforge.eval.run import SUMMARY_KEYS, eval_config, reusable_baseline
 
     spec = load_spec(None, ["eval.max_prompts=4"])
     prior = {key: None for key in SUMMARY_KEYS} | {"model_dir": "/m", "perplexity": 12.5, "toxicity_rate": 0.0}
-    config = eval_settings(spec)
+    config = eval_config(spec)
     config["eval"] = {**config["eval"], "output": "/elsewhere", "data": "/d"}  # where it wrote does not matter
     (tmp_path / "eval.json").write_text(
         json.dumps(prior | {"data_dir": "/d", "split": "test", "config": config, "samples": []})

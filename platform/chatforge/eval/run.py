@@ -190,13 +190,16 @@ def _generation_lines(label: str, rows: list[dict]) -> list[str]:
 SUMMARY_KEYS = ("model_dir", "perplexity", "perplexity_detail", "toxicity_rate", "refusal_rate", "toxicity", "bias")
 
 
-def eval_settings(spec: Spec) -> dict[str, Any]:
-    """What decides an evaluation's measurements, as eval.json's ``config`` records it (less where it writes)."""
-    evals = resolved(spec.eval)
-    evals.pop("output", None)
-    evals.pop("data", None)
+def eval_config(spec: Spec) -> dict[str, Any]:
+    """eval.json's ``config``: the eval settings, the toxicity scorer and the refusal text it measured with."""
     toxicity = spec.eval.toxicity or spec.curate.toxicity
-    return {"eval": evals, "toxicity": resolved(toxicity), "refusal": spec.serve.guard.refusal}
+    return {"eval": resolved(spec.eval), "toxicity": resolved(toxicity), "refusal": spec.serve.guard.refusal}
+
+
+def eval_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What in an eval.json ``config`` decides the measurements: all of it but where the evaluation wrote and read."""
+    evals = {k: v for k, v in (config.get("eval") or {}).items() if k not in ("output", "data")}
+    return {**config, "eval": evals}
 
 
 def reusable_baseline(eval_dir: str | None, baseline_dir: str, data: str | None, spec: Spec) -> dict[str, Any] | None:
@@ -207,14 +210,11 @@ def reusable_baseline(eval_dir: str | None, baseline_dir: str, data: str | None,
         return None
     with open(path, encoding="utf-8") as f:
         prior = json.load(f)
-    config = dict(prior.get("config") or {})
-    if isinstance(config.get("eval"), dict):
-        config["eval"] = {k: v for k, v in config["eval"].items() if k not in ("output", "data")}
     same = (
         prior.get("model_dir") == baseline_dir
         and prior.get("data_dir") == data
         and prior.get("split") == spec.eval.split
-        and config == eval_settings(spec)
+        and eval_settings(prior.get("config") or {}) == eval_settings(eval_config(spec))
     )
     return {key: prior.get(key) for key in SUMMARY_KEYS} if same else None
 
@@ -306,7 +306,7 @@ def run_evaluation(
             "generations_per_prompt": evals.generations_per_prompt,
             "generations": len(rows),
         },
-        "config": {"eval": resolved(evals), "toxicity": resolved(toxicity), "refusal": refusal},
+        "config": eval_config(spec),
     }
 
     say(f"writing {output}")

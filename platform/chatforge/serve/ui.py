@@ -107,16 +107,21 @@ class PairResult:
         decisive = self.a_wins + self.b_wins
         return self.a_wins / decisive if decisive else None
 
+    @functools.cached_property
+    def interval(self) -> tuple[float, float]:
+        """The 95% Wilson interval of A's win rate (over the votes that were not ties)."""
+        return wilson_interval(self.a_wins, self.a_wins + self.b_wins)
+
     @property
     def low(self) -> float:
-        return wilson_interval(self.a_wins, self.a_wins + self.b_wins)[0]
+        return self.interval[0]
 
     @property
     def high(self) -> float:
-        return wilson_interval(self.a_wins, self.a_wins + self.b_wins)[1]
+        return self.interval[1]
 
     def as_dict(self) -> dict:
-        interval = (self.low, self.high) if self.win_rate is not None else (None, None)
+        interval = self.interval if self.win_rate is not None else (None, None)
         return {
             "a": self.a,
             "b": self.b,
