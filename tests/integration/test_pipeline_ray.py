@@ -235,3 +235,47 @@ def test_a_ray_dataset_is_a_source_counted_checked_and_fingerprinted_like_a_file
         run_curation(spec, datasets={"given": ray.data.from_items([{"text": "hi"}])})
     with pytest.raises(SourceError, match="nothing to curate"):
         run_curation(spec)
+
+
+def test_the_condition_step_regenerates_earlier_assistant_turns_of_any_source(ray_local, tmp_path):
+    """`condition` as a step of an ordinary file curation: a ShareGPT file, a model dir, the counts in the manifest,
+    the originals in meta, and the regenerated turns scored by the toxicity step after it."""
+    from helpers.tiny_model import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model")
+    rng = random.Random(5)
+    conversations = [conversation(rng, turns=turns, words=(3, 6)) for turns in [2, 4, 6] * 4]
+    source = tmp_path / "dump.jsonl"
+    source.write_text("".join(json.dumps(sharegpt_record(f"r{i}", c)) + "\n" for i, c in enumerate(conversations)))
+    out = tmp_path / "out"
+    overrides = [
+        f"curate.output={out}",
+        f"curate.sources=[{{name: dump, format: sharegpt, path: '{source}'}}]",
+        "curate.steps=[normalize, filters, condition, toxicity, split]",
+        "curate.toxicity.backend=profanity",
+        "curate.toxicity.assistant_policy=flag",
+        "curate.condition.temperature=0",
+        "curate.condition.max_new_tokens=5",
+        "curate.condition.batch_size=4",
+    ]
+    with pytest.raises(ValueError, match="curate.condition.model is not set"):
+        load_spec(None, overrides)
+    manifest = run_curation(load_spec(None, [*overrides, f"curate.condition.model={model}"])).manifest
+
+    earlier = sum(len(c) // 2 - 1 for c in conversations)  # each assistant turn but the last
+    assert manifest["kept"] == 12 and manifest["input_records"] == 12
+    assert manifest["conditioning"] == {"conversations": 8, "regenerated_turns": earlier, "kept_turns": 0}
+    assert "condition" in [stage["name"] for stage in manifest["stages"]]
+    rows = {row["id"]: row for row in read_dir(out / "data")}
+    for i, original in enumerate(conversations):
+        row = rows[f"dump:r{i}"]
+        messages = row["messages"]
+        assert [m["role"] for m in messages] == [m["role"] for m in original]
+        assert messages[-1] == original[-1] and [m for m in messages if m["role"] == "user"] == [
+            m for m in original if m["role"] == "user"
+        ]
+        regenerated = json.loads(row["meta"]).get("conditioned_from", {})
+        assert {int(k): v for k, v in regenerated.items()} == {
+            j: original[j]["content"] for j in range(1, len(original) - 1, 2)
+        }
+        assert row["toxicity"] is not None  # scored after conditioning

@@ -245,3 +245,28 @@ def test_freed_heap_goes_back_to_the_os_after_a_batch():
     runtime.release_freed_heap()
     assert before - rss_mb() > 32
     assert len(held) == 1024
+
+
+def test_the_condition_step_goes_after_dedup_and_before_toxicity_unless_placed():
+    from chatforge.data.condition import earlier_assistant_turns, with_condition_step
+
+    assert with_condition_step(["normalize", "filters", "pii", "dedup", "toxicity", "augment", "split"]) == [
+        "normalize",
+        "filters",
+        "pii",
+        "dedup",
+        "condition",
+        "toxicity",
+        "augment",
+        "split",
+    ]
+    assert with_condition_step(["normalize", "split"]) == ["normalize", "condition", "split"]
+    assert with_condition_step(["normalize"]) == ["normalize", "condition"]
+    assert with_condition_step(["condition", "normalize"]) == ["condition", "normalize"]
+
+    def roles(*names: str) -> list[dict[str, str]]:
+        return [{"role": name, "content": ""} for name in names]
+
+    assert earlier_assistant_turns(roles("user", "assistant")) == []
+    assert earlier_assistant_turns(roles("system", "user", "assistant", "user", "assistant")) == [2]
+    assert earlier_assistant_turns(roles("user", "assistant", "user")) == [1]  # no final answer: every one is context

@@ -57,6 +57,11 @@ def curation_table(manifest: dict) -> Table:
     if tox["scored"]:
         table.add_row("toxicity", "mean / max (assistant)", f"{tox['mean']:.3f} / {tox['max']:.3f}")
         table.add_row("", "user turns flagged", f"{tox['flagged_user']:,}")
+    conditioning = manifest.get("conditioning")
+    if conditioning:
+        table.add_row("conditioned", "conversations", f"{conditioning['conversations']:,}")
+        table.add_row("", "turns regenerated", f"{conditioning['regenerated_turns']:,}")
+        table.add_row("", "turns kept (unanswerable)", f"{conditioning['kept_turns']:,}")
     for stage in manifest["stages"]:
         table.add_row("seconds", stage["name"], f"{stage['seconds']:.1f}")
     table.add_row("seconds", "wall", f"{manifest['wall_seconds']:.1f}")
@@ -70,6 +75,7 @@ def manifest_metrics(manifest: dict) -> dict[str, float]:
     metrics |= {f"repaired.{kind}": n for kind, n in manifest.get("repaired", {}).items()}
     metrics |= {f"split.{name}": n for name, n in manifest["splits"].items()}
     metrics |= {f"pii.{kind}": n for kind, n in manifest["pii_replacements"].items()}
+    metrics |= {f"conditioning.{key}": n for key, n in (manifest.get("conditioning") or {}).items()}
     return metrics | {"wall_seconds": manifest["wall_seconds"]}
 
 

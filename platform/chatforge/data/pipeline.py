@@ -33,6 +33,7 @@ import chatforge
 from chatforge.config import CurateSpec, Spec, resolved
 from chatforge.data.augment import AugmentStep
 from chatforge.data.batches import apply_steps
+from chatforge.data.condition import CONDITIONED_COLUMN, ConditionStep, conditioning_summary
 from chatforge.data.dedup import DedupStep
 from chatforge.data.filters import REPAIRS, FiltersStep
 from chatforge.data.normalize import NormalizeStep
@@ -56,6 +57,7 @@ STEPS = {
     "filters": FiltersStep,
     "pii": PiiStep,
     "dedup": DedupStep,
+    "condition": ConditionStep,
     "toxicity": ToxicityStep,
     "augment": AugmentStep,
     "split": SplitStep,
@@ -122,6 +124,7 @@ def block_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "toxicity_sum": 0.0,
         "toxicity_max": None,
         "toxicity_flagged_user": 0,
+        "conditioning": Counter(),
     }
     for row in rows:
         stats["stage_seconds"].update(dict(row.get(STAGE_SECONDS_COLUMN) or []))
@@ -145,6 +148,13 @@ def block_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 stats["toxicity_max"] = max(score, stats["toxicity_max"] or 0.0)
                 stats["toxicity_histogram"][min(int(score * TOXICITY_BINS), TOXICITY_BINS - 1)] += 1
             stats["toxicity_flagged_user"] += bool(row.get("toxicity_flag"))
+            conditioned = row.get(CONDITIONED_COLUMN)
+            if conditioned:
+                stats["conditioning"].update(
+                    conversations=int(conditioned["regenerated"] > 0),
+                    regenerated_turns=conditioned["regenerated"],
+                    kept_turns=conditioned["kept"],
+                )
         if bucket != DROPPED_BUCKET:
             stats["splits"][bucket] += 1
     return stats
@@ -387,6 +397,7 @@ def run_curation(
             "splits": dict(sorted(stats["splits"].items())),
             "pii_replacements": dict(sorted(stats["pii_replacements"].items())),
             "toxicity": _toxicity_summary(stats),
+            "conditioning": conditioning_summary(stats["conditioning"]) if "condition" in curate.steps else None,
             "stages": [
                 {"name": name, "seconds": round(stats["stage_seconds"].get(name, 0.0), 3)}
                 for name in ["read", *curate.steps]

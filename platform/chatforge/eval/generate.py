@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from chatforge.config import EngineSpec, EvalSpec, ToxicitySpec
+from chatforge.config import EvalSpec, ToxicitySpec
 from chatforge.eval.metrics import is_refusal
 from chatforge.eval.prompts import Probe, Prompt
 
@@ -84,13 +84,9 @@ class GenerationActor:
         refusal: str | None,
     ) -> None:
         from chatforge.safety.scorers import build_scorer
-        from chatforge.serve.engine import Engine
+        from chatforge.serve.engine import offline_engine
 
-        engine_spec = spec.engine
-        if engine_spec.torch_threads is None:
-            # Ray starts workers with one torch thread; use the CPUs this actor reserved.
-            engine_spec = EngineSpec(**{**engine_spec.model_dump(), "torch_threads": max(1, int(spec.num_cpus))})
-        self.engine = Engine(model_dir, engine_spec)
+        self.engine = offline_engine(model_dir, spec.engine, spec.num_cpus)
         self.scorer = build_scorer(toxicity)
         self.spec = spec
         self.refusal = refusal

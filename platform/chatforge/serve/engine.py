@@ -396,6 +396,14 @@ class Engine:
         return chunk
 
 
+def offline_engine(model_dir: str | Path, spec: EngineSpec, num_cpus: float) -> Engine:
+    """The engine for a Ray actor that reserved ``num_cpus`` CPUs (batch inference: eval, conditioning). Ray starts
+    workers with one torch thread; unless ``spec.torch_threads`` says otherwise, the actor uses its CPUs."""
+    if spec.torch_threads is None:
+        spec = spec.model_copy(update={"torch_threads": max(1, int(num_cpus))})
+    return Engine(model_dir, spec)
+
+
 def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
     """Zero-pad a [rows, seq] mask or a [rows, heads, seq, dim] cache tensor on the left to ``length`` positions."""
     missing = length - (tensor.shape[1] if tensor.dim() == 2 else tensor.shape[-2])
