@@ -23,6 +23,9 @@ class Strict(BaseModel):
 class RaySpec(Strict):
     address: str | None = Field(None, description="Ray address; None starts (or joins) a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by chatforge")
+    dashboard_port: int | None = Field(
+        None, ge=1, le=65535, description="the dashboard's port for a local Ray started by chatforge; None: Ray's 8265"
+    )
     connect_timeout_s: float = Field(60.0, gt=0, description="give up joining a cluster after this long")
 
 

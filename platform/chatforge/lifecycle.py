@@ -14,6 +14,7 @@ earlier run wrote into OUTPUT, the feedback store and the loop's cycles included
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -131,24 +132,38 @@ class Server:
     key: str
     log: str
     process: subprocess.Popen
+    dashboard: str  # its Ray's dashboard, where the loop deploys a canary
 
 
 @contextmanager
 def running_server(
-    spec: str, overrides: list[str], model: str, port: int, log_path: str, key_env: str
+    spec: str, overrides: list[str], model: str, port: int, log_path: str, key_env: str, dashboard_port: int
 ) -> Iterator[Server]:
-    """`chatforge serve` in the background on 127.0.0.1:``port`` with a key of the run's own beside any configured
-    one; stopped (SIGTERM, then killed after STOP_TIMEOUT_S) on the way out, whatever happened."""
+    """`chatforge serve --via-dashboard` in the background on 127.0.0.1:``port`` (its Ray's dashboard on
+    ``dashboard_port``), with a key of the run's own beside any configured one; stopped (SIGTERM, then killed after
+    STOP_TIMEOUT_S) on the way out, whatever happened."""
     import secrets
 
     key = secrets.token_urlsafe(32)
     keys = ",".join(k for k in (os.environ.get(key_env, ""), key) if k)
     env = child_env({key_env: keys})
     env.pop("TTY_COMPATIBLE", None)  # its output goes to a log file
-    argv = cli("serve", spec, *overrides, "--model", model, "--port", str(port), "--host", "127.0.0.1")
+    argv = cli(
+        "serve",
+        spec,
+        *overrides,
+        f"ray.dashboard_port={dashboard_port}",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--via-dashboard",  # deployed from a config, so that the loop can add its candidate as a canary
+    )
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", key, log_path, process)
+    server = Server(f"http://127.0.0.1:{port}", key, log_path, process, f"http://127.0.0.1:{dashboard_port}")
     try:
         wait_healthy(server)
         yield server
@@ -243,6 +258,13 @@ def rate_answers(url: str, key: str, conversations: list[list[dict[str, str]]], 
     return {"asked": len(ratings), "positive": ratings.count(1), "negative_corrected": ratings.count(-1)}
 
 
+def serve_cpus(spec) -> int:
+    """The serving Ray's CPUs: the spec's (or the machine's), and room for a canary replica of the first variant
+    beside the others. Logical CPUs: a canary takes a share of the traffic, not a core of its own."""
+    own = spec.ray.num_cpus or os.cpu_count() or 1
+    return own + math.ceil(spec.serve.variants[0].num_cpus)
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -313,7 +335,8 @@ def run_lifecycle(
         key_env = loaded.serve.auth.api_keys_env or "CHATFORGE_API_KEYS"
         log = f"{paths['serve']}/serve.log"
         say(f"serve: starting the server (log: {log})")
-        with running_server(spec, [*overrides, *at_store], model, port or free_port(), log, key_env) as server:
+        serve_overrides = [*overrides, *at_store, f"ray.num_cpus={serve_cpus(loaded)}"]
+        with running_server(spec, serve_overrides, model, port or free_port(), log, key_env, free_port()) as server:
             smoke = ask(server.url, server.key, [{"role": "user", "content": SMOKE_QUESTION}])
             answer = smoke["choices"][0]["message"]["content"]
             say(f"serve: {SMOKE_QUESTION!r} -> {answer!r}")
@@ -341,6 +364,7 @@ def run_lifecycle(
             f"loop.deployed_model={model}",
             f"loop.replay_data=[{curated_data}]",
             f"loop.deployed_eval={paths['eval']}",  # the eval stage measured the deployed model: the gate reuses it
+            f"loop.canary.dashboard={server.dashboard}",  # a candidate that passes the gate joins the app as a canary
         )
         run_child(argv, child_env())
         cycles = sorted(Path(paths["loop"]).glob("cycle-*/cycle.json"))
@@ -351,6 +375,7 @@ def run_lifecycle(
                 "status": record.get("status"),
                 "gate": (record.get("eval") or {}).get("gate"),
                 "candidate_model": record.get("candidate_model"),
+                "deployment": record.get("deployment"),
             }
 
     try:
@@ -390,6 +415,19 @@ def lineage(run: Run, model: str, eval_dir: str) -> list[dict[str, Any]]:
                 "run_id": None,
                 "path": str(Path(model).resolve()),
                 "details": {"store": serve.details["store"], "ratings": serve.details["ratings"]},
+            }
+        )
+    canary = run.stage("loop").details.get("deployment") or {}
+    if canary.get("action") == "deploy":  # the cycle's candidate, deployed beside the model as a canary
+        share = canary["weights"][canary["canary"]]
+        links.append(
+            {
+                "kind": "deployment",
+                "label": f"canary {canary['canary']} ({share:.0%} of the traffic) beside {canary['production']} at "
+                f"{serve.details['url']} (stopped at the end of the run)",
+                "run_id": None,
+                "path": canary["model"],
+                "details": {"weights": canary["weights"]},
             }
         )
     return links

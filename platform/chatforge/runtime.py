@@ -41,8 +41,9 @@ def cause_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[-1].strip() if lines else ''}"
 
 
-def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> None:
+def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> str | None:
     """Start a local Ray (``spec.address`` unset) or join a cluster; reuse Ray if this process already has it.
+    Returns the dashboard's URL when this call started or joined Ray and the cluster has one (None otherwise).
 
     ``idle_workers_per_cpu``: how many idle worker processes a local Ray keeps per CPU for the next task. Curation
     wants 2 (`chatforge.compat.local_ray_env` says why); training wants 0: after tokenizing and packing, an idle worker only costs the training
@@ -56,7 +57,7 @@ def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> None:
     from chatforge.compat import local_ray_env
 
     if ray.is_initialized():
-        return
+        return None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not spec.address:
         # Ray's internal knobs: idle workers kept, Ray Train's report polling (chatforge.compat)
@@ -68,16 +69,18 @@ def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> None:
         os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
     if not spec.address:
         # In this thread: Ray ties the processes it starts to the life of the thread that started them.
+        port = {"dashboard_port": spec.dashboard_port} if spec.dashboard_port else {}
         try:
-            ray.init(num_cpus=spec.num_cpus, dashboard_host="127.0.0.1")
+            context = ray.init(num_cpus=spec.num_cpus, dashboard_host="127.0.0.1", **port)
         except Exception as err:
             raise RayConnectError(f"could not start a local Ray: {err}") from err
-        return
+        return _url(context.dashboard_url)
     failure: list[BaseException] = []
+    contexts: list = []
 
     def connect() -> None:
         try:
-            ray.init(address=spec.address)
+            contexts.append(ray.init(address=spec.address))
         except BaseException as err:  # reported to the caller below
             failure.append(err)
 
@@ -92,6 +95,14 @@ def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> None:
         )
     if failure:
         raise RayConnectError(f"could not join Ray at {spec.address}: {failure[0]}") from failure[0]
+    return _url(contexts[0].dashboard_url)
+
+
+def _url(dashboard: str | None) -> str | None:
+    """``RayContext.dashboard_url`` ("host:port", or empty without a dashboard) as an http URL."""
+    if not dashboard:
+        return None
+    return dashboard if "://" in dashboard else f"http://{dashboard}"
 
 
 @functools.cache

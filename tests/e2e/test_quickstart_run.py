@@ -1,7 +1,8 @@
 """The path users run, on the embedded SmolLM2-135M-Instruct, as one command: `chatforge run` of the quickstart spec
 (curation, training and evaluation shortened) curates a corpus, LoRA fine-tunes with Ray Train and DeepSpeed,
-exports, evaluates, serves, answers simulated users, learns from their ratings in one loop cycle and stops the server;
-summary.json says so and links data -> run -> model -> deployment."""
+exports, evaluates, serves, answers simulated users, learns from their ratings in one loop cycle, deploys its candidate
+as a canary on the running app and stops the server; summary.json says so and links data -> run -> model ->
+deployment."""
 
 import json
 import sqlite3
@@ -30,6 +31,10 @@ SHORT = [
     "eval.max_new_tokens=16",
     "loop.settle_s=1",
     "loop.max_steps=3",
+    # any candidate passes, so the cycle deploys it as a canary (the gate itself is tested in test_eval)
+    "eval.gate.max_perplexity_increase=100",
+    "eval.gate.max_toxicity_increase=1",
+    "eval.gate.max_bias_gap=1",
 ]
 
 
@@ -57,6 +62,7 @@ def test_chatforge_run_takes_the_quickstart_from_data_to_a_served_model_and_one_
         "model",
         "eval",
         "deployment",
+        "deployment",  # the canary
     ]
     stages = {s["name"]: s for s in summary["stages"]}
 
@@ -92,7 +98,15 @@ def test_chatforge_run_takes_the_quickstart_from_data_to_a_served_model_and_one_
     gate_eval = json.loads((out / "loop" / "cycle-0001" / "eval" / "eval.json").read_text())
     assert "baseline_generation_s" not in gate_eval["timings"]  # the eval stage's measurements, not measured again
     assert gate_eval["baseline"]["perplexity"] == stages["eval"]["details"]["perplexity"]
+
+    # the candidate passed and joined the running app as a canary with 10% of the traffic, through its dashboard
+    deployment = cycle["deployment"]
+    assert cycle["eval"]["gate"]["passed"] and deployment["action"] == "deploy"
+    assert deployment["canary"] == "candidate-0001" and deployment["model"] == cycle["candidate_model"]
+    assert deployment["weights"] == {"chatforge-quickstart": pytest.approx(0.9), "candidate-0001": 0.1}
+    assert summary["lineage"][-1]["path"] == cycle["candidate_model"]
     server_log = (out / "serve" / "serve.log").read_text()
+    assert "deployed from a config" in server_log
     assert "stopping" in server_log  # the server was stopped by the run, in order
 
 

@@ -66,9 +66,12 @@ def test_the_put_keeps_the_other_config_apps_and_the_running_address():
     other = {"deployed_app_config": {"name": "other", "import_path": "x:y"}}
     imperative = {"deployed_app_config": None}
     body = deploy_body(details(other=other, imperative=imperative), "chatforge", {"name": "chatforge", "new": 1})
-    assert [app["name"] for app in body["applications"]] == ["chatforge", "other"]
-    assert body["applications"][0]["new"] == 1
-    assert body["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    assert [app["name"] for app in body["applications"]] == ["other", "chatforge"]
+    assert body["applications"][1]["new"] == 1
+    assert body["http_options"] == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 130.0}
+    # an application not running yet is added beside the others
+    added = deploy_body(details(other=other), "fresh", {"name": "fresh"})
+    assert [app["name"] for app in added["applications"]] == ["chatforge", "other", "fresh"]
 
 
 def test_an_app_started_with_serve_run_or_missing_is_refused_with_what_to_do():

@@ -12,6 +12,9 @@ from rich.table import Table
 from chatforge.cli.common import console, fail
 from chatforge.config import SpecError, load_spec
 
+APP_NAME = "chatforge"  # the Serve application's name (loop.canary.app's default)
+DEPLOY_TIMEOUT_S = 600.0  # --via-dashboard: how long the replicas may take to start
+
 
 def serving_table(spec, url: str) -> Table:
     table = Table(title=f"serving at {url}")
@@ -89,6 +92,14 @@ def serve(
     check: Annotated[
         bool, typer.Option("--check", help="start, ask each variant one question, rate the answer, then stop")
     ] = False,
+    via_dashboard: Annotated[
+        bool,
+        typer.Option(
+            "--via-dashboard",
+            help="deploy from a Serve config through the Ray dashboard's REST API, as `serve deploy` does, so that "
+            "`chatforge loop` can add canaries to the running app (loop.canary.dashboard)",
+        ),
+    ] = False,
 ) -> None:
     """Serve chat models on Ray Serve behind an OpenAI-compatible API; runs until Ctrl-C or SIGTERM."""
     import os
@@ -96,6 +107,7 @@ def serve(
     import signal
     import threading
 
+    from chatforge.continual.canary import CanaryError, deploy_app
     from chatforge.runtime import RayConnectError, init_ray
     from chatforge.serve.app import build_app, http_options, prepare_spec
     from chatforge.serve.auth import ApiKeys, check_access
@@ -128,17 +140,25 @@ def serve(
     from ray.serve.exceptions import RayServeException
 
     try:
-        init_ray(loaded.ray)
+        dashboard = init_ray(loaded.ray)
         # after ray.init, which installs a SIGTERM handler of its own that aborts the process
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         ray_serve.start(http_options=http_options(serve_spec))
         with console.status("starting the model replicas…"):
-            ray_serve.run(
-                build_app(serve_spec.model_dump(mode="json")), name="chatforge", route_prefix="/", blocking=False
-            )
+            if via_dashboard:
+                if not dashboard:
+                    fail("--via-dashboard: this Ray has no dashboard (install ray[default], or serve without it)")
+                deploy_app(dashboard, APP_NAME, serve_spec.model_dump(mode="json"), DEPLOY_TIMEOUT_S)
+            else:
+                ray_serve.run(
+                    build_app(serve_spec.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False
+                )
         url = f"http://{serve_spec.host}:{serve_spec.port}"
         console.print(serving_table(serve_spec, url))
+        if dashboard:
+            how = "deployed from a config: `chatforge loop` can add canaries" if via_dashboard else "serve.run"
+            console.print(f"Ray dashboard: [bold]{dashboard}[/] ({how})", highlight=False, soft_wrap=True)
         console.print(
             f"OpenAI base URL: [bold]{url}/v1[/]   feedback: {url}/v1/feedback   health: {url}/healthz   "
             "(Ctrl-C stops)",
@@ -156,7 +176,7 @@ def serve(
         console.print("stopping…")
     except (SpecError, RayConnectError) as err:
         fail(str(err))
-    except RayServeException as err:  # a replica that cannot start (a broken model dir, too few resources)
+    except (RayServeException, CanaryError) as err:  # a replica that cannot start (a broken model dir, few CPUs)
         fail(f"Ray Serve could not start the application: {err}")
     finally:
         if ray.is_initialized():

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 INGRESS = "chatforge-ingress"  # chatforge.serve.app.INGRESS_NAME, without importing Serve's app module here
 APPLICATIONS_PATH = "/api/serve/applications/"
+BUILD_APP = "chatforge.serve.app:build_app"  # the import path a Serve config names
 
 
 class CanaryError(RuntimeError):
@@ -109,18 +110,17 @@ def set_ingress_weights(config: dict[str, Any], weights: dict[str, float]) -> di
 
 
 def deploy_body(details: dict[str, Any], app: str, config: dict[str, Any]) -> dict[str, Any]:
-    """The PUT body: every application deployed from a config, ``app``'s replaced by ``config`` (a PUT without an
-    application deletes it), and the running HTTP options."""
-    applications = []
-    for name, found in (details.get("applications") or {}).items():
-        if name == app:
-            applications.append(config)
-        elif found.get("deployed_app_config"):
-            applications.append(found["deployed_app_config"])
-    body: dict[str, Any] = {"applications": applications}
+    """The PUT body: every application deployed from a config, ``app``'s replaced by (or added as) ``config`` (a PUT
+    without an application deletes it), and the running HTTP options."""
+    applications = [
+        found["deployed_app_config"]
+        for name, found in (details.get("applications") or {}).items()
+        if name != app and found.get("deployed_app_config")
+    ]
+    body: dict[str, Any] = {"applications": [*applications, config]}
     http = details.get("http_options") or {}
     if http:
-        body["http_options"] = {key: http[key] for key in ("host", "port") if key in http}
+        body["http_options"] = {key: http[key] for key in ("host", "port", "request_timeout_s") if key in http}
     return body
 
 
@@ -164,6 +164,16 @@ def wait_running(dashboard: str, app: str, variant: str | None, timeout_s: float
             return
         time.sleep(1.0)
     raise CanaryError(f"{app!r} was not running the new config after {timeout_s:g} s (status {status}: {message})")
+
+
+def deploy_app(dashboard: str, app: str, args: dict[str, Any], timeout_s: float) -> None:
+    """Deploy ``build_app(args)`` as the application ``app`` on route ``/`` from a Serve config, through the
+    dashboard's REST API (as `serve deploy` does), so that canaries can be added to it later; returns once it runs.
+    Serve must have been started with the HTTP options wanted (``serve.start``): the PUT keeps the running ones."""
+    config = {"name": app, "route_prefix": "/", "import_path": BUILD_APP, "args": args}
+    started = time.time()
+    _put(dashboard, deploy_body(_details(dashboard), app, config))
+    wait_running(dashboard, app, None, timeout_s, started)
 
 
 def deploy_canary(
