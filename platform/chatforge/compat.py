@@ -98,10 +98,15 @@ def local_ray_env(cpus: int, idle_workers_per_cpu: int) -> dict[str, str]:
     Empty outside the checked Ray versions, whose knobs may mean something else."""
     if not checked("local_ray_env"):
         return {}
-    return {
-        "RAY_num_workers_soft_limit": str(idle_workers_per_cpu * max(2, cpus)),
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    }
+    return {"RAY_num_workers_soft_limit": str(idle_workers_per_cpu * max(2, cpus)), **job_ray_env()}
+
+
+def job_ray_env() -> dict[str, str]:
+    """The part of `local_ray_env` a job's own processes read (Ray Train's controller), so a job's runtime_env can
+    carry it to a cluster; ``RAY_num_workers_soft_limit`` is the raylet's, set where the nodes start."""
+    if not checked("local_ray_env"):
+        return {}
+    return {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
 # ---------------------------------------------------------------- DeepSpeed: CPU training without a compiler

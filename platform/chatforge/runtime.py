@@ -59,15 +59,21 @@ def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> str | None:
     if ray.is_initialized():
         return None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not spec.address:
+    # A Ray Job's driver (`chatforge submit`) finds its cluster in RAY_ADDRESS, as ray.init does
+    address = spec.address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise RayConnectError(
+            f"{address} is a dashboard's HTTP address, which `chatforge submit` takes; to run this command on the "
+            "cluster, submit it (`chatforge submit ...`), or join through its GCS address: ray.address=HEAD:6379"
+        )
+    if not address:
         # Ray's internal knobs: idle workers kept, Ray Train's report polling (chatforge.compat)
         for name, value in local_ray_env(int(spec.num_cpus or os.cpu_count() or 1), idle_workers_per_cpu).items():
             os.environ.setdefault(name, value)
         # Arrow's default allocator, mimalloc, keeps what a task freed; jemalloc hands freed pages back to the OS
-        # (docs/benchmarks.md). Workers of a local Ray inherit this; on a cluster, set it in the nodes' environment
-        # (docs/curation.md).
+        # (docs/benchmarks.md). Workers of a local Ray inherit this; a submitted job carries it in its runtime_env
+        # (`chatforge.jobs`), and on a cluster the nodes' environment can set it too (cluster/).
         os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
-    if not spec.address:
         # In this thread: Ray ties the processes it starts to the life of the thread that started them.
         port = {"dashboard_port": spec.dashboard_port} if spec.dashboard_port else {}
         try:
@@ -80,7 +86,7 @@ def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> str | None:
 
     def connect() -> None:
         try:
-            contexts.append(ray.init(address=spec.address))
+            contexts.append(ray.init(address=address))
         except BaseException as err:  # reported to the caller below
             failure.append(err)
 
@@ -90,11 +96,11 @@ def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> str | None:
     thread.join(spec.connect_timeout_s)
     if thread.is_alive():
         raise RayConnectError(
-            f"could not join Ray at {spec.address} within {spec.connect_timeout_s:g}s: check the address, that the "
+            f"could not join Ray at {address} within {spec.connect_timeout_s:g}s: check the address, that the "
             "cluster is up, and, with token auth on, that RAY_AUTH_TOKEN (or ~/.ray/auth_token) holds its token"
         )
     if failure:
-        raise RayConnectError(f"could not join Ray at {spec.address}: {failure[0]}") from failure[0]
+        raise RayConnectError(f"could not join Ray at {address}: {failure[0]}") from failure[0]
     return _url(contexts[0].dashboard_url)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from chatforge.cli import curate, eval, lineage, loop, run, serve, train, tune
+from chatforge.cli import curate, eval, jobs, lineage, loop, run, serve, train, tune
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train and run chat assistants on Ray.")
 
@@ -20,6 +20,9 @@ app.command(name="eval")(eval.eval)
 app.command()(lineage.lineage)
 app.command()(loop.loop)
 app.command()(run.run)
+app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(jobs.submit)
+app.command()(jobs.status)
+app.command()(jobs.logs)
 
 
 @app.command()
