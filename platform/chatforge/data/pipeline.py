@@ -15,6 +15,7 @@ run that fails leaves the previous output as it was.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -176,13 +177,36 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
+@functools.cache
+def _records_counter():
+    from ray.util.metrics import Counter
+
+    return Counter(
+        "chatforge_curate_records_total",
+        description="input records through curation's write, kept or dropped (by drop reason)",
+        tag_keys=("outcome", "reason"),
+    )
+
+
+def export_counts(stats: dict[str, Any]) -> None:
+    """A block's kept and dropped records as Ray metrics (``chatforge_curate_records_total``), counted as the write
+    goes: the Ray dashboard and Grafana see a run's curation progress while it runs."""
+    counter = _records_counter()
+    if stats["kept"]:
+        counter.inc(stats["kept"], tags={"outcome": "kept", "reason": ""})
+    for reason, n in stats["dropped"].items():
+        counter.inc(n, tags={"outcome": "dropped", "reason": reason})
+
+
 class TagForWrite:
     """Tag each row with its output bucket and append one stats row per block (bucket ``_stats``)."""
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = table.to_pylist()
+        stats = block_stats(rows)
+        export_counts(stats)
         stats_row = {name: None for name in table.column_names}
-        stats_row["meta"] = json.dumps(block_stats(rows))
+        stats_row["meta"] = json.dumps(stats)
         buckets = [_bucket(row) for row in rows] + [STATS_BUCKET]
         table = pa.concat_tables([table, pa.Table.from_pylist([stats_row], schema=table.schema)])
         table = table.drop_columns([STAGE_SECONDS_COLUMN]) if STAGE_SECONDS_COLUMN in table.column_names else table

@@ -19,7 +19,7 @@ import torch
 from chatforge.config import Spec
 from chatforge.train.engine import TrainEngine, build_engine, export_model, init_distributed
 from chatforge.train.loop import LoopState, load_checkpoint, micro_batches, run_steps, save_checkpoint
-from chatforge.train.metrics import Loggers, MetricsHistory
+from chatforge.train.metrics import Loggers, MetricsHistory, RayMetrics, metrics_run_name
 
 
 class TrainReports:
@@ -123,10 +123,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reports = TrainReports(engine, history, lora=spec.method == "lora")
     callbacks = [*config.get("step_callbacks", ()), reports]
     loggers = Loggers(history, reports)
-    if config.get("tracked") is not None and engine.rank == 0:
-        from chatforge.tracking import RunMetrics
+    if engine.rank == 0:
+        exported = RayMetrics(metrics_run_name(spec.train.output), state.step)
+        loggers = Loggers(history, reports, exported)
+        if config.get("tracked") is not None:
+            from chatforge.tracking import RunMetrics
 
-        loggers = Loggers(history, reports, RunMetrics(config["tracked"]))
+            loggers = Loggers(history, reports, exported, RunMetrics(config["tracked"]))
     run_steps(engine, batches, state, settings, val_batches, loggers, callbacks, config["domains"])
 
     reports.report_checkpoint(
