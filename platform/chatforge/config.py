@@ -302,7 +302,12 @@ class ModelSpec(Strict):
 class TrainLoopSpec(Strict):
     data: list[TrainDataSpec] = Field(default_factory=list, description="curated datasets; --data replaces them")
     output: str = "runs/train"
-    resume: bool = Field(False, description="continue the run in output/checkpoints; false starts afresh")
+    resume: bool = Field(False, description="continue the run in its checkpoint storage; false starts afresh")
+    storage: str | None = Field(
+        None,
+        description="where checkpoints go: a directory every node mounts (/mnt/shared/...) or an s3:// URI, needed "
+        "on a cluster of several nodes; None: OUTPUT/checkpoints",
+    )
     max_steps: int = Field(200, ge=1, description="optimizer steps")
     lr: float = Field(3e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the schedule decays to lr * min_lr_ratio")
@@ -352,6 +357,11 @@ class ScalingSpec(Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="more resources each worker needs beside its CPUs and GPU, e.g. a custom node resource that "
+        "places workers on certain nodes",
+    )
     max_failures: int = Field(2, ge=0, description="worker-group restarts (from the last checkpoint) before failing")
 
 
@@ -376,6 +386,24 @@ class AutoscalingSpec(Strict):
         return self
 
 
+class VllmSpec(Strict):
+    """A variant served by vLLM (``engine_kind: vllm``): what Ray Serve LLM's LLMConfig takes beside what the variant
+    already says (model, replicas and autoscaling, GPUs)."""
+
+    accelerator_type: str | None = Field(
+        None, description="the GPU type replicas need (A100, H100, L4, ...); None: any"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica spans")
+    max_model_len: int | None = Field(None, ge=16, description="context window; None: the model's")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of each GPU vLLM may take")
+    dtype: str = Field("auto", description="vLLM's dtype (auto, bfloat16, float16)")
+    lora_path: str | None = Field(
+        None, description="s3:// (or gs://) dir of LoRA adapters served by name (Ray Serve LLM downloads them)"
+    )
+    max_loras_per_replica: int = Field(8, ge=1, description="LoRA adapters a replica holds at once")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="more vLLM engine arguments, merged last")
+
+
 class VariantSpec(Strict):
     """One served model; several variants split traffic by weight (A/B)."""
 
@@ -386,6 +414,12 @@ class VariantSpec(Strict):
     autoscaling: AutoscalingSpec = AutoscalingSpec()
     num_cpus: float = Field(1.0, gt=0, description="CPUs per replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica")
+    engine_kind: Literal["chatforge", "vllm"] = Field(
+        "chatforge",
+        description="chatforge: the built-in continuous-batching engine (CPU or GPU); vllm: vLLM through Ray Serve LLM "
+        "(GPU clusters, the `gpu` extra), behind the same ingress",
+    )
+    vllm: VllmSpec = VllmSpec()
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica accepts at once (caps the batch)")
     max_queued_requests: int = Field(
         128, ge=1, description="requests each ingress replica lets wait for this variant's replicas; more get 503"

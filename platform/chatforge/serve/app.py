@@ -780,7 +780,9 @@ def prepare_spec(spec: ServeSpec) -> ServeSpec:
     if error:
         raise SpecError(error)
     variants = [
-        v.model_copy(update={"model": _resolve_path(v.model, f"serve.variants[{i}] ({v.name}).model")})
+        v
+        if v.engine_kind == "vllm" and v.model and "://" in v.model  # an object store: Ray Serve LLM downloads it
+        else v.model_copy(update={"model": _resolve_path(v.model, f"serve.variants[{i}] ({v.name}).model")})
         for i, v in enumerate(spec.variants)
     ]
     if INGRESS_NAME in {v.name for v in variants}:
@@ -817,6 +819,11 @@ def human_eval_prompts(spec: ServeSpec) -> list[str]:
 
 
 def variant_deployment(variant: VariantSpec):
+    """The variant's model deployment: chatforge's engine (`ModelReplica`), or vLLM (`chatforge.serve.vllm`)."""
+    if variant.engine_kind == "vllm":
+        from chatforge.serve.vllm import vllm_deployment
+
+        return vllm_deployment(variant)
     scaling = variant.autoscaling
     return ModelReplica.options(
         name=variant.name,

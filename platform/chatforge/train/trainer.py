@@ -5,7 +5,7 @@ together, fits, and writes OUTPUT from the final checkpoint.
 
 OUTPUT/model/          Hugging Face model dir (safetensors, config, tokenizer with its chat template)
 OUTPUT/adapter/        LoRA runs: the adapter alone
-OUTPUT/checkpoints/    Ray Train checkpoints (DeepSpeed shards of every rank)
+OUTPUT/checkpoints/    Ray Train checkpoints (DeepSpeed shards of every rank); train.storage puts them elsewhere
 OUTPUT/metrics.jsonl   one JSON object per logged step (loss, lr, grad_norm, tokens_per_s) and per eval
 OUTPUT/training.json   resolved config, data fingerprints, data and final metrics, chatforge version
 """
@@ -13,6 +13,7 @@ OUTPUT/training.json   resolved config, data fingerprints, data and final metric
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -155,13 +156,33 @@ def build_trainer(
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker},
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker},
         ),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=run_config,
         datasets={"train": prepared.train, "val": prepared.val},
         dataset_config=data_config or presplit_data_config(prepared.train, scaling.num_workers),
     )
+
+
+def checkpoint_storage(storage: str | None, output: str) -> tuple[str, str]:
+    """(Ray Train's storage path, the run's name in it): OUTPUT/checkpoints and ``train`` by default; in a storage
+    that runs share (``train.storage``), a name of this OUTPUT's own, the same each time, so ``train.resume`` finds
+    it and two runs never share one."""
+    if storage is None:
+        return os.path.join(output, "checkpoints"), "train"
+    digest = hashlib.blake2b(output.encode(), digest_size=4).hexdigest()
+    return storage, f"{os.path.basename(output) or 'train'}-{digest}"
+
+
+def remove_run(storage: str, run_name: str) -> None:
+    """Delete a run's checkpoints from a local directory or an object store (nothing there: nothing to do)."""
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else os.path.abspath(storage))
+    path = f"{root.rstrip('/')}/{run_name}"
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        filesystem.delete_dir(path)
 
 
 def run_training(
@@ -185,18 +206,18 @@ def run_training(
     if not spec.train.data:
         raise TrainDataError("no training data: pass --data DIR (a curation output's data/) or set train.data")
     output = os.path.abspath(spec.train.output)
-    checkpoints = os.path.join(output, "checkpoints")
+    storage, run_name = checkpoint_storage(spec.train.storage, output)
     if not spec.train.resume:
         # Ray Train restores a run found at its storage path; a new run must not silently continue an old one.
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        remove_run(storage, run_name)
     os.makedirs(output, exist_ok=True)
     prepared = prepare_training_data(spec, progress=say)
     phases = {"prepare_s": time.perf_counter() - started}
 
     with follow_reports(on_report) as callbacks:
         run_config = RunConfig(
-            name="train",
-            storage_path=checkpoints,
+            name=run_name,
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             callbacks=callbacks,
         )
