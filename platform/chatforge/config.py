@@ -308,6 +308,11 @@ class TrainLoopSpec(Strict):
         description="where checkpoints go: a directory every node mounts (/mnt/shared/...) or an s3:// URI, needed "
         "on a cluster of several nodes; None: OUTPUT/checkpoints",
     )
+    model_uri: str | None = Field(
+        None,
+        description="also copy the exported model (and adapter) here, e.g. s3://bucket/models/run-1, where serving "
+        "on nodes without a shared disk reads it",
+    )
     max_steps: int = Field(200, ge=1, description="optimizer steps")
     lr: float = Field(3e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the schedule decays to lr * min_lr_ratio")
@@ -408,7 +413,9 @@ class VariantSpec(Strict):
     """One served model; several variants split traffic by weight (A/B)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="the `model` name clients see")
-    model: str | None = Field(None, description="dir of an exported model (chatforge train's OUTPUT/model)")
+    model: str | None = Field(
+        None, description="an exported model (chatforge train's OUTPUT/model): a dir, or an s3:// URI (train.model_uri)"
+    )
     weight: float = Field(1.0, ge=0, description="share of traffic, relative to the other variants")
     engine: EngineSpec = EngineSpec()
     autoscaling: AutoscalingSpec = AutoscalingSpec()

@@ -781,7 +781,7 @@ def prepare_spec(spec: ServeSpec) -> ServeSpec:
         raise SpecError(error)
     variants = [
         v
-        if v.engine_kind == "vllm" and v.model and "://" in v.model  # an object store: Ray Serve LLM downloads it
+        if v.model and "://" in v.model  # an object store: each replica downloads it (vLLM's: Ray Serve LLM does)
         else v.model_copy(update={"model": _resolve_path(v.model, f"serve.variants[{i}] ({v.name}).model")})
         for i, v in enumerate(spec.variants)
     ]

@@ -53,6 +53,15 @@ class Finished:
 # ---------------------------------------------------------------- one model variant
 
 
+def local_model(model: str) -> str:
+    """The variant's model dir on this node: itself, or an object-store URI downloaded once into chatforge's cache
+    (``$CHATFORGE_CACHE_DIR/models``)."""
+    from chatforge import storage
+    from chatforge.train.pretrained import cache_dir
+
+    return storage.local_copy(model, str(cache_dir() / "models"))
+
+
 @serve.deployment
 class ModelReplica:
     """One variant's model in one replica: ``@serve.batch`` gathers concurrent calls into the continuous-batching
@@ -67,7 +76,7 @@ class ModelReplica:
         engine_spec = variant.engine
         if engine_spec.torch_threads is None:  # Ray gives fractional-CPU workers one thread; say it explicitly
             engine_spec = engine_spec.model_copy(update={"torch_threads": max(1, round(variant.num_cpus))})
-        self.engine = Engine(variant.model, engine_spec)
+        self.engine = Engine(local_model(variant.model), engine_spec)
         self.metrics = ServeMetrics()
         self._pumps: dict[str, asyncio.Task] = {}
         # A batch call lasts as long as its longest answer; letting batches overlap (each request is one at most)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from chatforge import storage
 from chatforge.config import Spec, TrainDataSpec
 from chatforge.data.augment import with_tag
 from chatforge.train.model import load_tokenizer
@@ -58,19 +58,20 @@ def prepare_training_data(spec: Spec, progress=None) -> PreparedData:
 
 
 def resolve_data_dir(path: str) -> str:
-    """A curation output's data/ dir (holding train/ and val/); the curation output dir itself is accepted too.
+    """A curation output's data/ dir (holding train/ and val/); the curation output dir itself is accepted too. A
+    local path or an object-store URI (``s3://bucket/curated/data``).
 
     The curation's manifest.json must be beside data/: a curation moves it into place last, so without it the data
     is not a finished curation's (and training.json could not name the data it came from).
     """
-    directory = os.path.abspath(os.path.expanduser(path))
-    if os.path.isdir(os.path.join(directory, "data", "train")):
-        directory = os.path.join(directory, "data")
+    directory = storage.absolute(path).rstrip("/")
+    if storage.isdir(storage.join(directory, "data", "train")):
+        directory = storage.join(directory, "data")
     for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(directory, split)):
+        if not storage.isdir(storage.join(directory, split)):
             raise TrainDataError(f"{path}: no {split}/ split here; pass a curation output's data/ directory")
-    manifest = os.path.join(os.path.dirname(directory), "manifest.json")
-    if not os.path.isfile(manifest):
+    manifest = storage.join(storage.dirname(directory), "manifest.json")
+    if not storage.isfile(manifest):
         raise TrainDataError(
             f"{path}: no {manifest}, so this is not a finished curation's output (a curation run that failed or was "
             "stopped leaves none); run `chatforge curate` to completion and pass its data/ directory"
@@ -79,11 +80,10 @@ def resolve_data_dir(path: str) -> str:
 
 
 def data_fingerprint(data_dir: str) -> str | None:
-    manifest = os.path.join(os.path.dirname(data_dir), "manifest.json")
-    if not os.path.exists(manifest):
+    manifest = storage.join(storage.dirname(data_dir), "manifest.json")
+    if not storage.isfile(manifest):
         return None
-    with open(manifest, encoding="utf-8") as f:
-        return json.load(f).get("fingerprint")
+    return json.loads(storage.read_text(manifest)).get("fingerprint")
 
 
 def combined_fingerprint(fingerprints: list[str | None]) -> str | None:
@@ -142,7 +142,7 @@ class PackRows:
 def _training_texts(data: list[str]):
     import ray.data
 
-    ds = ray.data.read_parquet([os.path.join(d, "train") for d in data], columns=["messages"])
+    ds = ray.data.read_parquet([storage.join(d, "train") for d in data], columns=["messages"])
     for row in ds.limit(TOKENIZER_TRAINING_CONVERSATIONS).iter_rows():
         for message in row["messages"]:
             yield message["content"]
@@ -156,7 +156,7 @@ def prepare_datasets(spec: Spec, data: list[TrainDataSpec], data_dirs: list[str]
     samples = {"train": [], "val": []}
     for domain, (source, directory) in enumerate(zip(data, data_dirs)):
         for split in samples:
-            ds = ray.data.read_parquet(os.path.join(directory, split), columns=["messages"])
+            ds = ray.data.read_parquet(storage.join(directory, split), columns=["messages"])
             fn = TokenizeSamples(tokenizer, seq_len, source.tag, domain)
             samples[split].append(ds.map_batches(fn, batch_format="pyarrow", batch_size=256).materialize())
     counts = [ds.count() for ds in samples["train"]]

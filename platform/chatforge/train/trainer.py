@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import chatforge
+from chatforge import storage as paths
 from chatforge.config import Spec, resolved
 from chatforge.files import write_atomic
 from chatforge.train.data import (
@@ -177,11 +178,8 @@ def checkpoint_storage(storage: str | None, output: str) -> tuple[str, str]:
 
 def remove_run(storage: str, run_name: str) -> None:
     """Delete a run's checkpoints from a local directory or an object store (nothing there: nothing to do)."""
-    import pyarrow.fs
-
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else os.path.abspath(storage))
-    path = f"{root.rstrip('/')}/{run_name}"
-    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+    if paths.isdir(paths.join(storage, run_name)):
+        filesystem, path = paths.filesystem(paths.join(storage, run_name))
         filesystem.delete_dir(path)
 
 
@@ -238,9 +236,16 @@ def run_training(
     with result.checkpoint.as_directory() as directory:
         export_dirs(directory, output, (MODEL_DIR, ADAPTER_DIR))
         shutil.copyfile(os.path.join(directory, METRICS_FILE), os.path.join(output, METRICS_FILE))
+    if spec.train.model_uri:
+        say(f"copying the model to {spec.train.model_uri}")
+        for name in (MODEL_DIR, ADAPTER_DIR):
+            if os.path.isdir(os.path.join(output, name)):
+                target = spec.train.model_uri if name == MODEL_DIR else paths.join(spec.train.model_uri, name)
+                paths.copy_dir(os.path.join(output, name), target)
     fingerprints = [data_fingerprint(d) for d in prepared.data_dirs]
     summary = {
         "model_dir": os.path.join(output, MODEL_DIR),
+        "model_uri": spec.train.model_uri,
         "final_metrics": result.metrics,
         "data": prepared.stats,
         "fingerprint": combined_fingerprint(fingerprints),
