@@ -390,6 +390,19 @@ class AutoscalingSpec(Strict):
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         return self
 
+    def serve_config(self) -> dict[str, Any]:
+        """Ray Serve's ``autoscaling_config`` of a deployment (chatforge's replicas and Ray Serve LLM's alike)."""
+        return {
+            "min_replicas": self.min_replicas,
+            "initial_replicas": max(self.min_replicas, 1),
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s,
+            "metrics_interval_s": self.metrics_interval_s,
+        }
+
 
 class VllmSpec(Strict):
     """A variant served by vLLM (``engine_kind: vllm``): what Ray Serve LLM's LLMConfig takes beside what the variant

@@ -824,19 +824,9 @@ def variant_deployment(variant: VariantSpec):
         from chatforge.serve.vllm import vllm_deployment
 
         return vllm_deployment(variant)
-    scaling = variant.autoscaling
     return ModelReplica.options(
         name=variant.name,
-        autoscaling_config={
-            "min_replicas": scaling.min_replicas,
-            "initial_replicas": max(scaling.min_replicas, 1),
-            "max_replicas": scaling.max_replicas,
-            "target_ongoing_requests": scaling.target_ongoing_requests,
-            "upscale_delay_s": scaling.upscale_delay_s,
-            "downscale_delay_s": scaling.downscale_delay_s,
-            "look_back_period_s": scaling.look_back_period_s,
-            "metrics_interval_s": scaling.metrics_interval_s,
-        },
+        autoscaling_config=variant.autoscaling.serve_config(),
         ray_actor_options={"num_cpus": variant.num_cpus, "num_gpus": variant.num_gpus},
         max_ongoing_requests=variant.max_ongoing_requests,
         max_queued_requests=variant.max_queued_requests,  # past it the ingress answers 503 `overloaded`

@@ -38,7 +38,7 @@ def llm_config(variant: VariantSpec) -> dict[str, Any]:
     """The variant as Ray Serve LLM's ``LLMConfig`` fields (`ray.serve.llm.LLMConfig(**llm_config(v))`)."""
     if not variant.model:
         raise ValueError(f"variant {variant.name!r}: no model to serve")
-    scaling, vllm = variant.autoscaling, variant.vllm
+    vllm = variant.vllm
     engine_kwargs: dict[str, Any] = {
         "tensor_parallel_size": vllm.tensor_parallel_size,
         "gpu_memory_utilization": vllm.gpu_memory_utilization,
@@ -53,15 +53,7 @@ def llm_config(variant: VariantSpec) -> dict[str, Any]:
         "engine_kwargs": {**engine_kwargs, **vllm.engine_kwargs},
         "deployment_config": {
             "name": f"{variant.name}-vllm",
-            "autoscaling_config": {
-                "min_replicas": scaling.min_replicas,
-                "initial_replicas": max(scaling.min_replicas, 1),
-                "max_replicas": scaling.max_replicas,
-                "target_ongoing_requests": scaling.target_ongoing_requests,
-                "upscale_delay_s": scaling.upscale_delay_s,
-                "downscale_delay_s": scaling.downscale_delay_s,
-                "look_back_period_s": scaling.look_back_period_s,
-            },
+            "autoscaling_config": variant.autoscaling.serve_config(),
             "max_ongoing_requests": variant.max_ongoing_requests,
         },
     }
