@@ -106,3 +106,15 @@ def test_the_live_canary_is_the_last_deployed_and_not_yet_decided():
     failed = {"action": "deploy", "app": "chatforge", "canary": "candidate-0004", "model": "/c4", "error": "boom"}
     assert live_canary([*history, {"record": {"deployment": failed}}]) is None  # a failed deploy is not live
     assert live_canary([{"record": None}]) is None
+
+
+def test_the_dashboard_calls_carry_rays_token_when_there_is_one(monkeypatch, tmp_path):
+    from chatforge.continual.canary import dashboard_headers
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    assert dashboard_headers() == {}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("local-ray-token\n")  # what a local Ray 2.60 writes
+    assert dashboard_headers() == {"Authorization": "Bearer local-ray-token"}
