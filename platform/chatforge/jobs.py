@@ -65,11 +65,18 @@ def auth_token() -> str | None:
         return None
 
 
+def auth_headers() -> dict[str, str]:
+    """Ray's auth token (`auth_token`) as the bearer header the dashboard's APIs take; empty without a token."""
+    token = auth_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def job_env() -> dict[str, str]:
     """The env vars a job's processes get (`chatforge.runtime.init_ray` sets the same for a local Ray)."""
     from chatforge.compat import job_ray_env
+    from chatforge.runtime import ARROW_ENV
 
-    return {"ARROW_DEFAULT_MEMORY_POOL": "jemalloc", **job_ray_env()}
+    return {**ARROW_ENV, **job_ray_env()}
 
 
 def entrypoint(command: str, spec_name: str, args: list[str]) -> str:
@@ -92,9 +99,7 @@ class Jobs:
         from ray.job_submission import JobSubmissionClient
 
         self.address = dashboard_address(address)
-        token = auth_token()
-        headers = {"Authorization": f"Bearer {token}"} if token else None
-        self.client = self._call(JobSubmissionClient, self.address, headers=headers)
+        self.client = self._call(JobSubmissionClient, self.address, headers=auth_headers() or None)
 
     def _explain(self, error: BaseException) -> str:
         from ray.exceptions import AuthenticationError

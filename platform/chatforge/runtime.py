@@ -41,6 +41,11 @@ def cause_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[-1].strip() if lines else ''}"
 
 
+# Arrow's allocator for every process that holds Ray Data blocks (`init_ray` sets it for a local Ray, a submitted
+# job's runtime_env carries it): mimalloc, Arrow's default, keeps what a task freed; jemalloc hands it back.
+ARROW_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "jemalloc"}
+
+
 def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> str | None:
     """Start a local Ray (``spec.address`` unset) or join a cluster; reuse Ray if this process already has it.
     Returns the dashboard's URL when this call started or joined Ray and the cluster has one (None otherwise).
@@ -73,7 +78,8 @@ def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> str | None:
         # Arrow's default allocator, mimalloc, keeps what a task freed; jemalloc hands freed pages back to the OS
         # (docs/benchmarks.md). Workers of a local Ray inherit this; a submitted job carries it in its runtime_env
         # (`chatforge.jobs`), and on a cluster the nodes' environment can set it too (cluster/).
-        os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
+        for name, value in ARROW_ENV.items():
+            os.environ.setdefault(name, value)
         # In this thread: Ray ties the processes it starts to the life of the thread that started them.
         port = {"dashboard_port": spec.dashboard_port} if spec.dashboard_port else {}
         try:

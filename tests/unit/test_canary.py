@@ -109,12 +109,12 @@ def test_the_live_canary_is_the_last_deployed_and_not_yet_decided():
 
 
 def test_the_dashboard_calls_carry_rays_token_when_there_is_one(monkeypatch, tmp_path):
-    from chatforge.continual.canary import dashboard_headers
+    from chatforge.jobs import auth_headers
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    assert dashboard_headers() == {}
+    assert auth_headers() == {}
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("local-ray-token\n")  # what a local Ray 2.60 writes
-    assert dashboard_headers() == {"Authorization": "Bearer local-ray-token"}
+    assert auth_headers() == {"Authorization": "Bearer local-ray-token"}

@@ -127,20 +127,13 @@ def deploy_body(details: dict[str, Any], app: str, config: dict[str, Any]) -> di
 # ---------------------------------------------------------------- talking to the dashboard
 
 
-def dashboard_headers() -> dict[str, str]:
-    """Ray's auth token as a bearer header when there is one (`chatforge.jobs.auth_token`): a Ray with token
-    authentication on, as a local Ray 2.60 is by default, refuses the dashboard's REST API without it."""
-    from chatforge.jobs import auth_token
-
-    token = auth_token()
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
 def _details(dashboard: str) -> dict[str, Any]:
     import httpx
 
+    from chatforge.jobs import auth_headers  # a Ray with token auth (a local Ray 2.60's default) refuses without it
+
     try:
-        response = httpx.get(dashboard.rstrip("/") + APPLICATIONS_PATH, headers=dashboard_headers(), timeout=30)
+        response = httpx.get(dashboard.rstrip("/") + APPLICATIONS_PATH, headers=auth_headers(), timeout=30)
     except httpx.HTTPError as error:
         raise CanaryError(f"the Ray dashboard at {dashboard} cannot be reached: {error}") from None
     if response.status_code != 200:
@@ -151,7 +144,9 @@ def _details(dashboard: str) -> dict[str, Any]:
 def _put(dashboard: str, body: dict[str, Any]) -> None:
     import httpx
 
-    response = httpx.put(dashboard.rstrip("/") + APPLICATIONS_PATH, json=body, headers=dashboard_headers(), timeout=60)
+    from chatforge.jobs import auth_headers
+
+    response = httpx.put(dashboard.rstrip("/") + APPLICATIONS_PATH, json=body, headers=auth_headers(), timeout=60)
     if response.status_code != 200:
         raise CanaryError(f"PUT {APPLICATIONS_PATH} at {dashboard} answered {response.status_code}: {response.text}")
 

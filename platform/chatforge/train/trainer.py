@@ -178,8 +178,9 @@ def checkpoint_storage(storage: str | None, output: str) -> tuple[str, str]:
 
 def remove_run(storage: str, run_name: str) -> None:
     """Delete a run's checkpoints from a local directory or an object store (nothing there: nothing to do)."""
-    if paths.isdir(paths.join(storage, run_name)):
-        filesystem, path = paths.filesystem(paths.join(storage, run_name))
+    run = paths.join(storage, run_name)
+    if paths.isdir(run):
+        filesystem, path = paths.filesystem(run)
         filesystem.delete_dir(path)
 
 

@@ -122,15 +122,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     reports = TrainReports(engine, history, lora=spec.method == "lora")
     callbacks = [*config.get("step_callbacks", ()), reports]
-    loggers = Loggers(history, reports)
-    if engine.rank == 0:
-        exported = RayMetrics(metrics_run_name(spec.train.output), state.step)
-        loggers = Loggers(history, reports, exported)
+    loggers = [history, reports]
+    if engine.rank == 0:  # rank 0's rows also go to Ray's metrics and the command's MLflow run
+        loggers.append(RayMetrics(metrics_run_name(spec.train.output), state.step))
         if config.get("tracked") is not None:
             from chatforge.tracking import RunMetrics
 
-            loggers = Loggers(history, reports, exported, RunMetrics(config["tracked"]))
-    run_steps(engine, batches, state, settings, val_batches, loggers, callbacks, config["domains"])
+            loggers.append(RunMetrics(config["tracked"]))
+    run_steps(engine, batches, state, settings, val_batches, Loggers(*loggers), callbacks, config["domains"])
 
     reports.report_checkpoint(
         state,
