@@ -31,14 +31,30 @@ def cluster_cpus() -> float:
 def cause_line(error: BaseException) -> str:
     """The innermost error as one line, "Type: its last message line": a worker's own exception, not the layers of
     Ray's wrapping (``RayTaskError.cause``, ``__cause__``) around it."""
+    outer = error
     while True:
         inner = getattr(error, "cause", None)
         inner = inner if isinstance(inner, BaseException) else error.__cause__
         if inner is None:
             break
         error = inner
+    if type(error).__name__ == "UserCodeException":  # Ray Data's wrapper: the UDF's own error is only in the text
+        raised = udf_error_text(str(outer))
+        if raised:
+            return raised
     lines = [line for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[-1].strip() if lines else ''}"
+
+
+def udf_error_text(text: str) -> str | None:
+    """ "Type: message" of the first exception in a Ray task's traceback text (the one the rest wrap), or None."""
+    first = text.split("The above exception was the direct cause", 1)[0]
+    lines = first.rstrip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  ")]  # traceback frames are indented
+    if not frames or frames[-1] + 1 >= len(lines):
+        return None
+    name, _, message = " ".join(line.strip() for line in lines[frames[-1] + 1 :]).partition(": ")
+    return f"{name.rsplit('.', 1)[-1]}: {message}" if message else None
 
 
 # Arrow's allocator for every process that holds Ray Data blocks (`init_ray` sets it for a local Ray, a submitted

@@ -258,7 +258,7 @@ def test_the_condition_step_regenerates_earlier_assistant_turns_of_any_source(ra
         "curate.condition.max_new_tokens=5",
         "curate.condition.batch_size=4",
     ]
-    with pytest.raises(ValueError, match="curate.condition.model is not set"):
+    with pytest.raises(ValueError, match="neither curate.condition.model nor curate.condition.endpoint"):
         load_spec(None, overrides)
     manifest = run_curation(load_spec(None, [*overrides, f"curate.condition.model={model}"])).manifest
 

@@ -110,9 +110,11 @@ def curate(
     json_out: Annotated[bool, typer.Option("--json", help="print the manifest as JSON on stdout")] = False,
 ) -> None:
     """Curate conversation corpora with Ray Data into OUTPUT/data, OUTPUT/dropped and OUTPUT/manifest.json."""
+    from ray.exceptions import RayError
+
     from chatforge.data.pipeline import AccountingError, run_curation
     from chatforge.data.sources import SourceError, list_files
-    from chatforge.runtime import RayConnectError, init_ray
+    from chatforge.runtime import RayConnectError, cause_line, init_ray
     from chatforge.tracking import command_run
 
     try:
@@ -129,6 +131,8 @@ def curate(
             track_curation(tracked, result)
     except (SpecError, SourceError, RayConnectError) as err:
         fail(str(err))
+    except RayError as err:  # a step's task or actor failed: its own error, not Ray's wrapping
+        fail(f"curation failed (the previous output, if any, is unchanged): {cause_line(err)}", code=1)
     except AccountingError as err:  # a defect, not bad input: the previous output stays in place
         fail(f"{err} (the previous output, if any, is unchanged; please report this with the spec)", code=1)
     console.print(curation_table(result.manifest))

@@ -213,15 +213,14 @@ def training_data(feedback_dir: str, replay: list[TrainDataSpec], replay_ratio: 
 
 def feedback_curation_spec(spec: Spec, output: str, deployed_model: str) -> Spec:
     """The spec with no file source (the feedback comes as a Ray Dataset, `feedback_dataset`) and ``output``; with
-    ``loop.condition_responses``, its steps condition the conversations on ``deployed_model`` (`data.condition`)."""
+    ``loop.condition_responses``, its steps condition the conversations on ``deployed_model`` (`data.condition`), or
+    on ``curate.condition.endpoint`` when one is given."""
     curate = spec.curate.model_copy(update={"sources": [], "output": output})
     if spec.loop.condition_responses:
-        curate = curate.model_copy(
-            update={
-                "steps": with_condition_step(curate.steps),
-                "condition": curate.condition.model_copy(update={"model": deployed_model}),
-            }
-        )
+        condition = curate.condition
+        if not condition.endpoint:  # an endpoint given serves the deployed model already
+            condition = condition.model_copy(update={"model": deployed_model})
+        curate = curate.model_copy(update={"steps": with_condition_step(curate.steps), "condition": condition})
     return spec.model_copy(update={"curate": curate})
 
 

@@ -122,3 +122,17 @@ def map_records(
 ):
     """Apply a pure per-batch record function to a Ray Dataset (stateless tasks)."""
     return ds.map_batches(RecordBatchFn(fn, stage, adds, schema), batch_format="pyarrow", **map_kwargs)
+
+
+def pool_actor_cpus(wanted: float, actors: int, total: float) -> float:
+    """CPUs each actor of a pool (toxicity scorers, condition's generators) reserves, leaving two CPUs of the cluster
+    to the tasks around the pool.
+
+    A pool's actors hold their CPUs for the whole run: if they took every CPU, the reads, shuffles and maps upstream
+    could never be scheduled and the pipeline would wait forever (seen on a 1-CPU Ray). With one CPU left, the map
+    feeding the pool and the one draining it take turns on it; with two, both run. Reserving less only changes
+    scheduling; the actors still use the cores the OS gives them (their torch threads follow ``wanted``).
+    ``total``: the cluster's CPUs.
+    """
+    room = max(total - 2.0, 0.0) / actors
+    return min(wanted, room)

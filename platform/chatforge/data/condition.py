@@ -12,8 +12,14 @@ the engine (`chatforge.serve.engine.Engine`, continuous batching) decodes them t
 inference: one map over an actor pool that loads the model once per actor and grows to ``condition.concurrency``
 actors (or one per ``num_cpus`` CPUs of the cluster) as resources allow, beside the other steps' tasks and actors.
 
-A turn the engine cannot answer (a context longer than the model's window, say) keeps its original text and is
-counted. Each kept row gets ``conditioned`` = {regenerated, kept} turns (the manifest sums them), and its meta
+The model is a local dir, which each actor loads, or ``condition.endpoint``: an OpenAI-compatible API serving it
+(`chatforge serve`, vLLM, a hosted model), asked over HTTP with up to ``endpoint.concurrency`` requests in flight
+per actor, each a whole chat completion. The rounds stay: Ray Data's LLM processors answer one row per request and
+cannot feed turn k's answer into turn k+1's prompt within a stage, so the step asks the endpoint itself.
+
+A turn the model cannot answer (a context longer than its window: an engine's ``PromptTooLong``, an endpoint's
+400) keeps its original text and is counted. An endpoint that still fails after its retries (5xx, 429, no
+connection) or refuses the key fails the step with what to fix. Each kept row gets ``conditioned`` = {regenerated, kept} turns (the manifest sums them), and its meta
 ``conditioned_from`` holds the original text of each regenerated turn by message index.
 """
 
@@ -28,7 +34,7 @@ from typing import Any
 import pyarrow as pa
 
 from chatforge.config import ConditionSpec
-from chatforge.data.batches import add_stage_seconds
+from chatforge.data.batches import add_stage_seconds, pool_actor_cpus
 from chatforge.data.schema import Record, is_kept, with_columns
 
 CONDITIONED_COLUMN = "conditioned"
@@ -51,16 +57,129 @@ def turn_seed(base: int, record_id: str, index: int) -> int:
     return sampling_seed(base, record_id, index)
 
 
-class ConditionActor:
-    """Holds an engine; regenerates the earlier assistant turns of a batch of records, round by round."""
+class EndpointError(RuntimeError):
+    """The condition endpoint cannot answer: its URL, the status and what to do."""
+
+
+class _Retryable(Exception):
+    """A response worth asking again for (5xx, 429)."""
+
+
+def rejected_param(response: Any) -> str | None:
+    """The request field an OpenAI-style 400 names (``error.param``), if any."""
+    try:
+        error = response.json().get("error")
+    except ValueError:
+        return None
+    return error.get("param") if isinstance(error, dict) else None
+
+
+class EndpointAnswers:
+    """Asks an OpenAI-compatible chat completions API (``condition.endpoint``), with retries and bounded
+    concurrency; one per actor, one HTTP client per batch (each batch runs in an event loop of its own)."""
+
+    def __init__(self, spec: ConditionSpec, transport: Any = None) -> None:
+        endpoint = spec.endpoint
+        key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
+        self.spec = spec
+        self.transport = transport  # an httpx transport; None: the network
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.client: Any = None
+        self.gate: asyncio.Semaphore | None = None
+
+    async def __aenter__(self) -> EndpointAnswers:
+        import httpx
+
+        endpoint = self.spec.endpoint
+        self.client = httpx.AsyncClient(
+            base_url=endpoint.url,
+            headers=self.headers,
+            timeout=endpoint.timeout_s,
+            limits=httpx.Limits(max_connections=endpoint.concurrency),
+            transport=self.transport,
+        )
+        self.gate = asyncio.Semaphore(endpoint.concurrency)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.aclose()
+
+    def _refused(self, response: Any) -> EndpointError:
+        endpoint = self.spec.endpoint
+        where = f"{endpoint.url}/chat/completions answered {response.status_code}: {response.text[:300]}"
+        if response.status_code in (401, 403):
+            env = endpoint.api_key_env
+            hint = (
+                f"set {env} to a key it accepts on every node that runs curation (a job's runtime_env env_vars)"
+                if env
+                else "set curate.condition.endpoint.api_key_env to the env var holding its key"
+            )
+            return EndpointError(f"{where}; {hint}")
+        if response.status_code == 404:
+            return EndpointError(f"{where}; check curate.condition.endpoint.url (base URL, before /chat/completions)"
+                                 " and .model")  # fmt: skip
+        if response.status_code == 400:
+            return EndpointError(f"{where}; the request's fields come from curate.condition (max_new_tokens, "
+                                 "temperature, top_p, seed, endpoint.model)")  # fmt: skip
+        return EndpointError(where)
+
+    async def answer(self, messages: list[dict[str, str]], seed: int) -> str | None:
+        import httpx
+        from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+        spec, endpoint = self.spec, self.spec.endpoint
+        body: dict[str, Any] = {
+            "messages": messages,
+            "max_tokens": spec.max_new_tokens,
+            "temperature": spec.temperature,
+            "top_p": spec.top_p,
+            "seed": seed,
+        }
+        if endpoint.model:
+            body["model"] = endpoint.model
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type((_Retryable, httpx.TransportError)),
+            stop=stop_after_attempt(endpoint.retries + 1),
+            wait=wait_exponential_jitter(initial=0.5, max=10),
+            reraise=True,
+        )
+        try:
+            async with self.gate:
+                async for attempt in retrying:
+                    with attempt:
+                        response = await self.client.post("/chat/completions", json=body)
+                        if response.status_code == 429 or response.status_code >= 500:
+                            raise _Retryable(response)
+        except _Retryable as failed:
+            raise self._refused(failed.args[0]) from None
+        except httpx.TransportError as error:
+            raise EndpointError(
+                f"{endpoint.url}/chat/completions: {type(error).__name__}: {error} (after {endpoint.retries} "
+                "retries); is the server up and reachable from the nodes that run curation?"
+            ) from error
+        if response.status_code == 400 and rejected_param(response) in (None, "messages", "prompt"):
+            return None  # the conversation itself (a context over the model's window): the turn keeps its text
+        if response.status_code != 200:
+            raise self._refused(response)
+        return response.json()["choices"][0]["message"]["content"]
+
+
+class EngineAnswers:
+    """Answers with chatforge's serving engine on the actor's CPUs (or GPU), the model loaded once per actor."""
 
     def __init__(self, spec: ConditionSpec) -> None:
         from chatforge.serve.engine import offline_engine
 
         self.spec = spec
-        self.engine = offline_engine(spec.model, spec.engine, spec.num_cpus)
+        self.engine = offline_engine(spec.model, spec.engine, spec.actor_cpus)
 
-    async def _answer(self, messages: list[dict[str, str]], seed: int) -> str | None:
+    async def __aenter__(self) -> EngineAnswers:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def answer(self, messages: list[dict[str, str]], seed: int) -> str | None:
         from chatforge.serve.engine import SamplingParams
 
         spec = self.spec
@@ -73,8 +192,21 @@ class ConditionActor:
         except ValueError:  # PromptTooLong, or a context the template cannot render: the turn keeps its text
             return None
 
+
+class ConditionActor:
+    """Holds an engine or an endpoint client; regenerates the earlier assistant turns of a batch of records, round by
+    round."""
+
+    def __init__(self, spec: ConditionSpec) -> None:
+        self.spec = spec
+        self.answers = EndpointAnswers(spec) if spec.endpoint else EngineAnswers(spec)
+
     async def condition(self, records: list[Record]) -> list[Record]:
         """``records`` with their earlier assistant turns regenerated (dropped records pass through)."""
+        async with self.answers as backend:
+            return await self._condition(records, backend.answer)
+
+    async def _condition(self, records: list[Record], answer: Any) -> list[Record]:
         work = []
         for record in records:
             if not is_kept(record) or not record.get("messages"):
@@ -89,7 +221,7 @@ class ConditionActor:
             due = [(record, targets[round_], originals) for record, targets, originals in work if len(targets) > round_]
             answers = await asyncio.gather(
                 *(
-                    self._answer(record["messages"][:index], turn_seed(self.spec.seed, record["id"], index))
+                    answer(record["messages"][:index], turn_seed(self.spec.seed, record["id"], index))
                     for record, index, _ in due
                 )
             )
@@ -116,31 +248,35 @@ class ConditionActor:
 def pool_bounds(spec: ConditionSpec, cluster_cpus: float) -> tuple[int, int]:
     """The actor pool's smallest and largest size: it starts with one actor and grows as CPUs free up, so it never
     waits on CPUs the steps beside it hold."""
-    return 1, spec.concurrency or max(1, int(cluster_cpus // spec.num_cpus))
+    return 1, spec.concurrency or max(1, int(cluster_cpus // spec.actor_cpus))
 
 
 class ConditionStep:
     """The ``condition`` curation step (dataset-level: an actor pool, not a per-batch function)."""
 
     def __init__(self, spec: ConditionSpec) -> None:
-        if not spec.model:
-            raise ValueError("curate.condition.model is not set: the condition step needs a model dir")
+        if not (spec.model or spec.endpoint):
+            raise ValueError(
+                "neither curate.condition.model nor curate.condition.endpoint is set: the condition step needs a "
+                "model dir or an API serving the model"
+            )
         # absolute: the actors' working directory is not the driver's
-        self.spec = spec.model_copy(update={"model": os.path.abspath(spec.model)})
+        self.spec = spec.model_copy(update={"model": os.path.abspath(spec.model)}) if spec.model else spec
 
     def __call__(self, ds: Any) -> Any:
         from ray.data import ActorPoolStrategy
 
         from chatforge.runtime import cluster_cpus
 
-        low, high = pool_bounds(self.spec, cluster_cpus())
+        total = cluster_cpus()
+        low, high = pool_bounds(self.spec, total)
         return ds.map_batches(
             ConditionActor,
             fn_constructor_kwargs={"spec": self.spec},
             compute=ActorPoolStrategy(min_size=low, max_size=high),
             batch_size=self.spec.batch_size,
             batch_format="pyarrow",
-            num_cpus=self.spec.num_cpus,
+            num_cpus=pool_actor_cpus(self.spec.actor_cpus, high, total),
             num_gpus=self.spec.num_gpus or None,
         )
 

@@ -26,7 +26,7 @@ from functools import partial
 import pyarrow as pa
 
 from chatforge.config import ToxicitySpec
-from chatforge.data.batches import RecordBatchFn
+from chatforge.data.batches import RecordBatchFn, pool_actor_cpus
 from chatforge.data.schema import Record, is_kept, mark_dropped
 from chatforge.runtime import cluster_cpus
 from chatforge.safety.scorers import TOXICITY_LABEL, Scorer, build_scorer
@@ -164,7 +164,7 @@ class ToxicityStep:
             )
         total = cluster_cpus()
         low, high = pool_size(self.spec, total)
-        cpus = actor_cpus(self.spec, high, total)
+        cpus = pool_actor_cpus(self.spec.num_cpus, high, total)
         return ds.map_batches(
             ToxicityActor,
             fn_constructor_kwargs={"spec": self.spec},
@@ -188,15 +188,3 @@ def pool_size(spec: ToxicitySpec, total: float) -> tuple[int, int]:
     if spec.concurrency:
         return spec.concurrency, spec.concurrency
     return 1, max(1, int(total // spec.num_cpus))
-
-
-def actor_cpus(spec: ToxicitySpec, actors: int, total: float) -> float:
-    """CPUs each scorer actor reserves, leaving two CPUs of the cluster to the tasks around the pool.
-
-    The pool's actors hold their CPUs for the whole run: if they took every CPU, the shuffles and maps upstream could
-    never be scheduled and the pipeline would wait forever (seen on a 1-CPU Ray). With one CPU left, the map
-    feeding the pool and the one draining it take turns on it; with two, both run. Reserving less only changes
-    scheduling; the actors still use the cores the OS gives them. ``total``: the cluster's CPUs.
-    """
-    room = max(total - 2.0, 0.0) / actors
-    return min(spec.num_cpus, room)
