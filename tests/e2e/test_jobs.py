@@ -105,3 +105,18 @@ def test_a_client_without_the_token_is_refused_with_what_to_do(head, tmp_path):
         env=client_env(tmp_path, None),
     )  # fmt: skip
     assert submitted.returncode == 2 and "refused" in submitted.stderr and not submitted.stdout
+
+
+def test_the_dashboards_serve_api_takes_the_token(head, tmp_path, monkeypatch):
+    """`chatforge serve --via-dashboard` and the loop's canaries talk to the dashboard's Serve REST API: with the
+    cluster's token they are let in, without it they say what to set."""
+    from chatforge.continual.canary import CanaryError, _details
+
+    cluster, token = head
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token of this machine's other Rays
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    with pytest.raises(CanaryError, match="answered 401: the cluster has token authentication on; set RAY_AUTH_TOKEN"):
+        _details(cluster.dashboard)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    assert "applications" in _details(cluster.dashboard)

@@ -137,8 +137,20 @@ def _details(dashboard: str) -> dict[str, Any]:
     except httpx.HTTPError as error:
         raise CanaryError(f"the Ray dashboard at {dashboard} cannot be reached: {error}") from None
     if response.status_code != 200:
-        raise CanaryError(f"GET {APPLICATIONS_PATH} at {dashboard} answered {response.status_code}")
+        raise CanaryError(
+            f"GET {APPLICATIONS_PATH} at {dashboard} answered {response.status_code}{refusal_hint(response)}"
+        )
     return response.json()
+
+
+def refusal_hint(response: Any) -> str:
+    """What to do about a dashboard that refused the request for want of Ray's token; empty otherwise."""
+    if response.status_code not in (401, 403):
+        return ""
+    return (
+        ": the cluster has token authentication on; set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to its token where "
+        "this runs"
+    )
 
 
 def _put(dashboard: str, body: dict[str, Any]) -> None:
@@ -148,7 +160,10 @@ def _put(dashboard: str, body: dict[str, Any]) -> None:
 
     response = httpx.put(dashboard.rstrip("/") + APPLICATIONS_PATH, json=body, headers=auth_headers(), timeout=60)
     if response.status_code != 200:
-        raise CanaryError(f"PUT {APPLICATIONS_PATH} at {dashboard} answered {response.status_code}: {response.text}")
+        raise CanaryError(
+            f"PUT {APPLICATIONS_PATH} at {dashboard} answered {response.status_code}{refusal_hint(response)}: "
+            f"{response.text[:300]}"
+        )
 
 
 def wait_running(dashboard: str, app: str, variant: str | None, timeout_s: float, since: float) -> None:
