@@ -96,6 +96,14 @@ class TrackedRun:
         else:
             client.log_artifact(self.run_id, path, folder)
 
+    def document(self, content: dict[str, Any], name: str) -> None:
+        """``content`` as the JSON artifact ``name`` (for what exists only in memory or in an object store)."""
+        if not self.enabled:
+            return
+        import mlflow
+
+        mlflow.MlflowClient(self.uri).log_dict(self.run_id, content, name)
+
     def dataset(self, data_dir: str, fingerprint: str | None, name: str, context: str) -> None:
         """The data a command read, as an MLflow dataset input; its digest is the curation fingerprint."""
         if not self.enabled:

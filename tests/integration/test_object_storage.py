@@ -1,5 +1,6 @@
 """Datasets, checkpoints and models in an object store, for clusters without a shared disk: an S3-compatible server
-on 127.0.0.1 (moto's server mode) stands in for S3. Training reads its curated data from `s3://`, keeps its
+on 127.0.0.1 (moto's server mode) stands in for S3. Curation reads its dumps from `s3://` (files, globs, gzip) and
+publishes its output there, manifest last. Training reads its curated data from `s3://`, keeps its
 checkpoints there (`train.storage`) and resumes from them, and copies the exported model there (`train.model_uri`),
 from where a serving replica downloads it."""
 
@@ -111,3 +112,49 @@ def test_missing_data_in_the_store_is_named(s3, tmp_path):
 
     with pytest.raises(TrainDataError, match=r"s3://chatforge/nowhere/data: no train/ split here"):
         resolve_data_dir(f"{s3}/nowhere/data")
+
+
+def test_curation_reads_dumps_from_the_store_and_publishes_its_output_there(s3, tmp_path):
+    import gzip
+
+    import boto3
+    import pyarrow.parquet as pq
+
+    from chatforge.data.pipeline import run_curation
+    from helpers.corpus import write_sharegpt_jsonl
+
+    client = boto3.client("s3")
+    plain, packed = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_sharegpt_jsonl(plain, 30, seed=1, pii_every=5)
+    write_sharegpt_jsonl(packed, 20, seed=2)
+    client.upload_file(str(plain), BUCKET, "dumps/2026/a.jsonl")
+    client.put_object(Bucket=BUCKET, Key="dumps/2026/b.jsonl.gz", Body=gzip.compress(packed.read_bytes()))
+    client.put_object(Bucket=BUCKET, Key="dumps/2026/notes.txt", Body=b"not a dump")
+    client.put_object(Bucket=BUCKET, Key="curated/data/stale.parquet", Body=b"an earlier run's file")
+
+    def curate(source_path: str):
+        overrides = [
+            f"curate.sources=[{{name: dumps, format: sharegpt, path: '{source_path}'}}]",
+            f"curate.output={s3}/curated",
+            "curate.steps=[normalize, filters, pii, dedup, split]",
+            "curate.dedup.near=false",
+        ]
+        return run_curation(load_spec(None, overrides))
+
+    result = curate(f"{s3}/dumps")  # a directory: its ShareGPT files, the rest skipped
+    manifest = result.manifest
+    assert result.output == f"{s3}/curated" and manifest["input_records"] == 50, manifest["dropped"]
+    assert manifest["sources"][0]["files"] == [f"{s3}/dumps/2026/a.jsonl", f"{s3}/dumps/2026/b.jsonl.gz"]
+    assert manifest["sources"][0]["skipped"] == [f"{s3}/dumps/2026/notes.txt"]
+    assert sum(manifest["pii_replacements"].values()) > 0
+    published = keys("curated/")
+    assert "curated/data/stale.parquet" not in published  # the earlier output is replaced, not mixed in
+    assert json.loads(storage.read_text(f"{s3}/curated/manifest.json")) == manifest
+    rows = pq.read_table(f"{BUCKET}/curated/data", filesystem=storage.filesystem(s3)[0]).num_rows
+    assert rows == manifest["rows_written"] == manifest["kept"]
+    assert not os.listdir(os.path.join(os.environ["CHATFORGE_CACHE_DIR"], "curate"))  # the local twin is gone
+
+    again = curate(f"{s3}/dumps/*/*.jsonl")  # a glob: one file
+    assert again.manifest["input_records"] == 30
+    assert again.manifest["fingerprint"] != manifest["fingerprint"]
+    assert json.loads(storage.read_text(f"{s3}/curated/manifest.json"))["input_records"] == 30

@@ -82,17 +82,15 @@ def manifest_metrics(manifest: dict) -> dict[str, float]:
 def track_curation(tracked, result) -> None:
     """The curation's MLflow run: its counts, the manifest, each source as a dataset input, and the fingerprint of
     what it wrote (the tag a training run's lineage is traced back by)."""
-    import os
-
+    from chatforge.storage import common_dir
     from chatforge.tracking import FINGERPRINT_TAG
 
     manifest = result.manifest
     tracked.metrics(manifest_metrics(manifest))
-    tracked.artifact(os.path.join(result.output, "manifest.json"))
+    tracked.document(manifest, "manifest.json")
     for source in manifest["sources"]:
         if source["files"]:
-            where = source["files"][0] if len(source["files"]) == 1 else os.path.commonpath(source["files"])
-            tracked.dataset(where, manifest["fingerprint"], name=source["name"], context="source")
+            tracked.dataset(common_dir(source["files"]), manifest["fingerprint"], name=source["name"], context="source")
     tracked.tags({f"{FINGERPRINT_TAG}.output": manifest["fingerprint"]})
 
 

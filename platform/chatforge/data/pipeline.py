@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import chatforge
+from chatforge import storage
 from chatforge.config import CurateSpec, Spec, resolved
 from chatforge.data.augment import AugmentStep
 from chatforge.data.batches import apply_steps
@@ -235,9 +236,9 @@ def input_fingerprint(spec: Spec, files: dict[str, list[str]], datasets: list[Da
         digest.update(f"{DATASET_FORMAT}\x00{source.name}\x00{source.rows}\x00{source.fingerprint}".encode())
     for source in spec.curate.sources:
         for path in files[source.name]:
-            size = os.path.getsize(path)
+            size = storage.size(path)
             digest.update(f"{source.name}\x00{os.path.basename(path)}\x00{size}".encode())
-            with open(path, "rb") as f:
+            with storage.open_binary(path) as f:
                 digest.update(f.read(1 << 20))
                 if size > 2 << 20:
                     f.seek(-(1 << 20), os.SEEK_END)
@@ -393,7 +394,9 @@ def run_curation(
     (`check_accounting`); a run that fails raises, leaves OUTPUT as it was, and removes what it staged.
     """
     curate = spec.curate
-    output = os.path.abspath(curate.output)
+    remote = curate.output if storage.is_uri(curate.output) else None
+    # an object-store OUTPUT: the run writes and checks a local twin, then publishes it (`storage.publish_dir`)
+    output = os.path.join(local_twin_root(), storage.uri_key(remote)) if remote else os.path.abspath(curate.output)
     started = time.perf_counter()
     scanned = {source.name: scan_source(source) for source in curate.sources}
     files = {name: found.files for name, found in scanned.items()}
@@ -448,4 +451,17 @@ def run_curation(
         move_into_place(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if remote:
+        try:
+            storage.publish_dir(output, remote, last="manifest.json")
+        finally:
+            shutil.rmtree(output, ignore_errors=True)
+        return CurationResult(output=remote, manifest=manifest)
     return CurationResult(output=output, manifest=manifest)
+
+
+def local_twin_root() -> str:
+    """Where a curation whose OUTPUT is in an object store writes before publishing: ``$CHATFORGE_CACHE_DIR/curate``
+    (default ``~/.cache/chatforge/curate``). On several nodes it must be a directory every node sees, as a local
+    OUTPUT must be: Ray Data's write tasks and dedup's staged rows run on any node."""
+    return os.path.join(os.environ.get("CHATFORGE_CACHE_DIR") or os.path.expanduser("~/.cache/chatforge"), "curate")

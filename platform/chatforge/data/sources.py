@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 
+from chatforge import storage
 from chatforge.config import NormalizeSpec, ReadSpec, SourceSpec
 from chatforge.data.batches import RecordBatchFn, map_records
 from chatforge.data.formats import check_parquet_records, parquet_rows, parse_raw_records
@@ -99,20 +100,22 @@ def scan_source(source: SourceSpec) -> SourceFiles:
     if source.format == "chitchat" and source.path is None:
         return SourceFiles([chitchat_corpus_path()])
     assert source.path is not None
-    path = os.path.expanduser(source.path)
+    path = storage.absolute(source.path) if storage.is_uri(source.path) else os.path.expanduser(source.path)
     skipped: list[str] = []
-    if os.path.isdir(path):
+    if any(ch in path for ch in "*?["):
+        if storage.is_uri(path):
+            found = storage.glob_uri(path)
+        else:
+            found = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+    elif storage.isdir(path):
         found = []
-        for root, _, names in os.walk(path):
-            for name in names:
-                full = os.path.join(root, name)
-                readable = file_suffix(name) in EXTENSIONS[source.format] and (
-                    source.format != "parquet" or compression(name) is None
-                )
-                (found if readable else skipped).append(full)
-    elif any(ch in path for ch in "*?["):
-        found = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
-    elif os.path.isfile(path):
+        for full in storage.files_under(path):
+            name = full.rsplit("/", 1)[-1]
+            readable = file_suffix(name) in EXTENSIONS[source.format] and (
+                source.format != "parquet" or compression(name) is None
+            )
+            (found if readable else skipped).append(full)
+    elif storage.isfile(path):
         found = [path]
     else:
         raise SourceError(f"source {source.name!r}: {source.path} does not exist")
@@ -135,9 +138,12 @@ def open_input(path: str) -> BinaryIO:
     """
     codec = compression(path)
     if codec is None:
-        return open(path, "rb")
-    if codec == "gzip":
+        return storage.open_binary(path)
+    if codec == "gzip" and not storage.is_uri(path):
         return gzip.open(path, "rb")
+    if storage.is_uri(path):  # an object in a store: Arrow decompresses the stream it reads
+        fs, inner = storage.filesystem(path)
+        return io.BufferedReader(fs.open_input_stream(inner, compression=codec), buffer_size=64 << 10)
     return io.BufferedReader(pa.input_stream(path, compression=codec), buffer_size=64 << 10)
 
 
@@ -225,7 +231,7 @@ def iter_jsonl_range(path: str, start: int, end: int, read: ReadSpec) -> Iterato
 
     A range that begins mid-line skips to the next line: that line belongs to the range it started in.
     """
-    with open(path, "rb") as f:
+    with storage.open_binary(path) as f:
         offset = start
         if start > 0:
             f.seek(start - 1)
@@ -461,7 +467,7 @@ def _parquet_task(
 
     origin, emitted = display_path(path), 0
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(storage.open_binary(path))
         columns = [name for name in PARQUET_COLUMNS if name in parquet.schema_arrow.names]
         for batch in parquet.iter_batches(batch_size=read.block_rows, columns=columns):
             check = functools.partial(
@@ -514,7 +520,7 @@ class ConversationFiles:
         ranged: list[tuple[str, int]] = []
         args = (self.source.name, self.source.format, self.read, self.counts_dir)
         for path in list_files(self.source):
-            size = os.path.getsize(path)
+            size = storage.size(path)
             if self.source.format == "parquet":
                 _check_parquet(path, self.source)
                 fn = functools.partial(_parquet_task, path, self.source.name, self.read, self.role_map, self.counts_dir)
@@ -584,7 +590,8 @@ def _check_parquet(path: str, source: SourceSpec) -> None:
     import pyarrow.parquet as pq
 
     try:
-        pq.read_metadata(path)
+        with storage.open_binary(path) as f:
+            pq.read_metadata(f)
     except (OSError, pa.ArrowException) as err:
         raise SourceError(f"source {source.name!r}: {path} is not a readable Parquet file: {err}") from None
 
