@@ -346,6 +346,11 @@ class TrainLoopSpec(Strict):
     data: list[TrainDataSpec] = Field(default_factory=list, description="curated datasets; --data replaces them")
     output: str = "runs/train"
     resume: bool = Field(False, description="continue the run in its checkpoint storage; false starts afresh")
+    overwrite: bool = Field(
+        False,
+        description="start afresh in an OUTPUT whose run left checkpoints, deleting them; false: such an OUTPUT is "
+        "refused unless resume is set",
+    )
     storage: str | None = Field(
         None,
         description="where checkpoints go: a directory every node mounts (/mnt/shared/...) or an s3:// URI, needed "

@@ -316,7 +316,8 @@ def run_lifecycle(
         run_child(cli("curate", spec, *overrides, "--output", paths["curate"]), child_env())
 
     def train(_: Stage) -> None:
-        run_child(cli("train", spec, *overrides, "--data", curated_data, "--output", paths["train"]), child_env())
+        argv = cli("train", spec, *overrides, "--data", curated_data, "--output", paths["train"], "--overwrite")
+        run_child(argv, child_env())  # a run's stages start afresh in their OUTPUT
 
     def evaluate(current: Stage) -> None:
         argv = cli("eval", spec, *overrides, "--model", model, "--data", paths["curate"], "--output", paths["eval"])

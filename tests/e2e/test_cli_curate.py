@@ -82,3 +82,24 @@ def test_curate_missing_input_is_a_clear_error(tmp_path):
     result = chatforge("curate", "pipelines/curate.yaml", "--input", str(tmp_path / "nope.jsonl"))
     assert result.returncode == 2
     assert "does not exist" in result.stderr
+
+
+def test_a_sharegpt_file_named_jsonl_is_read_as_sharegpt_and_a_wrong_format_stops(tmp_path):
+    """A `.jsonl` name says OpenAI; the records say ShareGPT. Without --format the records win (and the choice is
+    said); a spec that names the wrong format stops before Ray starts instead of dropping every record."""
+    records = [
+        {"id": f"s{i}", "conversations": [{"from": "human", "value": f"question {i} about rivers and bridges"},
+                                          {"from": "gpt", "value": f"answer {i}: bridges cross rivers"}]}
+        for i in range(12)
+    ]  # fmt: skip
+    dump = tmp_path / "logs.jsonl"
+    dump.write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = ["pipelines/curate.yaml", "--output", str(tmp_path / "out"), "ray.num_cpus=1", "curate.dedup.near=false"]
+    result = chatforge("curate", "--input", str(dump), "--json", *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"--input {dump}: read as sharegpt" in " ".join(result.stderr.split())
+    assert json.loads(result.stdout.strip().splitlines()[-1])["kept"] == 12
+
+    wrong = chatforge("curate", *common, f"curate.sources=[{{name: logs, format: openai, path: '{dump}'}}]")
+    assert wrong.returncode == 2
+    assert "set its format to sharegpt" in " ".join(wrong.stderr.split()) and "Started a local Ray" not in wrong.stderr

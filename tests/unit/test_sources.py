@@ -415,3 +415,25 @@ def test_parquet_text_that_is_not_utf8_spoils_only_its_row():
     records = check_parquet_records(parquet_rows(parquet_table(id=ids)), source="p", role_map={})
     assert [r["drop_reason"] for r in records] == [None, "malformed:invalid_utf8"]
     assert records[0]["id"] == "a" and as_table(records).num_rows == 2
+
+
+def test_a_sources_format_is_told_from_its_first_records(tmp_path):
+    from chatforge.config import ReadSpec, SourceSpec
+    from chatforge.data.sources import SourceError, check_format, first_records, sniff_format
+
+    sharegpt = [{"id": i, "conversations": [{"from": "human", "value": "hi"}]} for i in range(30)]
+    openai = [{"messages": [{"role": "user", "content": "hi"}]} for _ in range(3)]
+    jsonl = tmp_path / "dump.jsonl"
+    jsonl.write_text("not json\n" + "".join(json.dumps(r) + "\n" for r in sharegpt))
+    array = tmp_path / "dump.json"
+    array.write_text(json.dumps(openai))
+    read = ReadSpec()
+    assert len(first_records(str(jsonl), read)) == 20  # the bad line skipped
+    assert sniff_format(first_records(str(jsonl), read)) == "sharegpt"
+    assert sniff_format(first_records(str(array), read)) == "openai"
+    assert sniff_format([{"text": "x"}, {"messages": []}, {"text": "y"}]) is None and sniff_format([]) is None
+
+    check_format(SourceSpec(name="d", format="sharegpt", path=str(jsonl)), [str(jsonl)], read)
+    with pytest.raises(SourceError, match=r"read as openai.*hold 'conversations' \(ShareGPT\): set its format to "
+                                          r"sharegpt"):  # fmt: skip
+        check_format(SourceSpec(name="d", format="openai", path=str(jsonl)), [str(jsonl)], read)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 
 import pytest
 import torch
@@ -72,3 +73,18 @@ def test_every_rank_stops_at_the_same_step_when_one_rank_is_not_finite(tmp_path)
         assert all(r.startswith("step 3: ") and "not finite" in r for r in both), both
     assert "(summed over ranks: nan)" in nan_on_one_rank[0] and "gradient norm (inf)" in overflowed_norm[0]
     assert finite == ["ok", "ok"]
+
+
+def test_an_output_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    """Ray Train restores what it finds at a run's storage path: a new run into an OUTPUT that holds one neither
+    continues it silently nor deletes its checkpoints silently."""
+    from chatforge.config import load_spec
+    from chatforge.train.trainer import RunExistsError, checkpoint_storage, run_training
+
+    output = tmp_path / "out"
+    storage, name = checkpoint_storage(None, str(output))
+    os.makedirs(os.path.join(storage, name, "checkpoint_000001"))
+    spec = load_spec(None, [f"train.output={output}", f"train.data=[{{path: '{tmp_path / 'data'}'}}]"])
+    with pytest.raises(RunExistsError, match=r"holds an earlier run's checkpoints .*pass --overwrite .*train.resume"):
+        run_training(spec)
+    assert os.path.isdir(os.path.join(storage, name, "checkpoint_000001"))  # nothing deleted

@@ -10,12 +10,12 @@ import typer
 from rich.table import Table
 
 from chatforge.cli.common import console, fail, load_with_flags
-from chatforge.config import SourceSpec, SpecError
+from chatforge.config import ReadSpec, SourceSpec, SpecError
 
 FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "openai", ".ndjson": "openai", ".json": "sharegpt"}
 
 
-def _inputs_as_sources(inputs: list[str], fmt: str | None) -> list[SourceSpec]:
+def _inputs_as_sources(inputs: list[str], fmt: str | None, read: ReadSpec) -> list[SourceSpec]:
     from chatforge.data.sources import compression, file_suffix
 
     sources: list[SourceSpec] = []
@@ -24,6 +24,8 @@ def _inputs_as_sources(inputs: list[str], fmt: str | None) -> list[SourceSpec]:
         chosen = fmt or FORMAT_BY_SUFFIX.get(suffix)
         if chosen is None:
             fail(f"--input {path}: cannot tell its format from the name; pass --format sharegpt|openai|parquet")
+        if fmt is None and chosen != "parquet":
+            chosen = _sniffed(path, chosen, read)
         base = Path(path).stem if compression(path) else Path(path).name  # "a.jsonl.gz" -> "a.jsonl"
         name = Path(base).stem or f"input{number}"
         if any(s.name == name for s in sources):
@@ -33,6 +35,24 @@ def _inputs_as_sources(inputs: list[str], fmt: str | None) -> list[SourceSpec]:
         except ValueError as err:
             fail(f"--input {path}: {err}")
     return sources
+
+
+def _sniffed(path: str, by_name: str, read: ReadSpec) -> str:
+    """The format of ``path``'s first records (ShareGPT's ``conversations`` or OpenAI's ``messages``), said on
+    stderr; ``by_name`` (its suffix's) when they show neither or it is no single file."""
+    from chatforge import storage
+    from chatforge.data.sources import READ_ERRORS, first_records, sniff_format
+
+    try:
+        if not storage.isfile(path):
+            return by_name
+        seen = sniff_format(first_records(path, read))
+    except READ_ERRORS:
+        return by_name  # the read reports it
+    if seen is None:
+        return by_name
+    console.print(f"--input {path}: read as {seen} (its first records hold that format's turns)", highlight=False)
+    return seen
 
 
 def curation_table(manifest: dict) -> Table:
@@ -111,17 +131,17 @@ def curate(
     from ray.exceptions import RayError
 
     from chatforge.data.pipeline import AccountingError, run_curation
-    from chatforge.data.sources import SourceError, list_files
+    from chatforge.data.sources import SourceError, check_format, list_files
     from chatforge.runtime import RayConnectError, cause_line, init_ray
     from chatforge.tracking import command_run
 
     try:
         loaded = load_with_flags(spec, overrides, "curate.output", output)
         if input:
-            sources = _inputs_as_sources(input, fmt)
+            sources = _inputs_as_sources(input, fmt, loaded.curate.read)
             loaded = loaded.model_copy(update={"curate": loaded.curate.model_copy(update={"sources": sources})})
-        for source in loaded.curate.sources:
-            list_files(source)  # a missing input fails here, before Ray starts
+        for source in loaded.curate.sources:  # a missing input or a wrong format fails here, before Ray starts
+            check_format(source, list_files(source), loaded.curate.read)
         init_ray(loaded.ray)
         with command_run(loaded, "curate", output=loaded.curate.output) as tracked:
             with console.status("curating with Ray Data…"):

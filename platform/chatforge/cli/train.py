@@ -158,6 +158,10 @@ def train(
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
     data: DataOption = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="output directory")] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="start afresh in an OUTPUT holding an earlier run, deleting its checkpoints"),
+    ] = False,
 ) -> None:
     """Fine-tune a chat model on curated data with Ray Train + DeepSpeed; writes OUTPUT/model and metrics."""
     from ray.train import TrainingFailedError
@@ -165,17 +169,19 @@ def train(
     from chatforge.runtime import RayConnectError, cause_line, init_ray
     from chatforge.tracking import command_run
     from chatforge.train.data import TrainDataError
-    from chatforge.train.trainer import run_training
+    from chatforge.train.trainer import RunExistsError, run_training
 
     try:
         loaded = with_data(load_with_flags(spec, overrides, "train.output", output), data)
+        if overwrite:
+            loaded = loaded.model_copy(update={"train": loaded.train.model_copy(update={"overwrite": True})})
         init_ray(loaded.ray, idle_workers_per_cpu=0)
         with command_run(loaded, "train", output=loaded.train.output) as tracked:
             track_training_data(tracked, loaded)
             with training_progress(loaded.train.max_steps) as (phase, on_report):
                 result = run_training(loaded, progress=phase, on_report=on_report, tracked=tracked)
             track_training(tracked, result)
-    except (SpecError, TrainDataError, RayConnectError) as err:
+    except (SpecError, TrainDataError, RayConnectError, RunExistsError) as err:
         fail(str(err))
     except TrainingFailedError as err:  # the workers' own error, after Ray Train's retries (scaling.max_failures)
         fail(f"training failed: {cause_line(err)}", code=1)

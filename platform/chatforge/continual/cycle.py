@@ -384,6 +384,7 @@ def run_cycle(
                 "train": spec.train.model_copy(
                     update={
                         "output": os.path.join(output, "train"),
+                        "overwrite": True,  # a cycle run again (after a failure) trains afresh
                         "data": data,
                         "max_steps": loop.max_steps or spec.train.max_steps,
                     }

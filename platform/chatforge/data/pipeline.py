@@ -46,6 +46,7 @@ from chatforge.data.sources import (
     DatasetSource,
     ReadCounts,
     SourceError,
+    check_format,
     dataset_source,
     read_dataset_source,
     read_source,
@@ -399,6 +400,8 @@ def run_curation(
     output = os.path.join(local_twin_root(), storage.uri_key(remote)) if remote else os.path.abspath(curate.output)
     started = time.perf_counter()
     scanned = {source.name: scan_source(source) for source in curate.sources}
+    for source in curate.sources:
+        check_format(source, scanned[source.name].files, curate.read)
     files = {name: found.files for name, found in scanned.items()}
     given = [dataset_source(name, ds) for name, ds in (datasets or {}).items()]
     taken = {source.name for source in curate.sources} & {source.name for source in given}

@@ -125,6 +125,60 @@ def scan_source(source: SourceSpec) -> SourceFiles:
     return SourceFiles(sorted(found), sorted(skipped))
 
 
+SNIFF_RECORDS = 20  # records a format is told from
+
+
+def first_records(path: str, read: ReadSpec, limit: int = SNIFF_RECORDS) -> list[Any]:
+    """The first ``limit`` records of a JSONL or JSON-array file that parse (a bad line is skipped)."""
+    import itertools
+
+    if file_suffix(path) not in JSONL_SUFFIXES and _first_significant_byte(path) == b"[":
+        lines = iter_json_elements(path, read)
+    else:
+        lines = iter_jsonl_stream(path, read)
+    found = []
+    for _, text, error in itertools.islice(lines, 4 * limit):
+        if error is None:
+            try:
+                found.append(json.loads(text))
+            except ValueError:
+                continue
+        if len(found) == limit:
+            break
+    return found
+
+
+def sniff_format(records: list[Any]) -> str | None:
+    """ "sharegpt" or "openai" when most of ``records`` hold that format's list of turns (``conversations`` or
+    ``messages``); None when neither does."""
+    from chatforge.data.formats import TURN_FORMATS
+
+    counts = {
+        fmt: sum(isinstance(r, dict) and list_key in r for r in records)
+        for fmt, (_, list_key, _, _) in TURN_FORMATS.items()
+    }
+    best = max(counts, key=counts.get)
+    return best if records and counts[best] * 2 > len(records) else None
+
+
+def check_format(source: SourceSpec, files: list[str], read: ReadSpec) -> None:
+    """A ShareGPT or OpenAI source whose first records are the other format stops here, naming the format to set:
+    read as declared, every record would be dropped as ``malformed:missing_messages``."""
+    from chatforge.data.formats import TURN_FORMATS
+
+    if source.format not in TURN_FORMATS or not files:
+        return
+    records = first_records(files[0], read)
+    seen = sniff_format(records)
+    if seen is not None and seen != source.format:
+        declared_key, seen_key = TURN_FORMATS[source.format][1], TURN_FORMATS[seen][1]
+        raise SourceError(
+            f"source {source.name!r} is read as {source.format}, whose records hold {declared_key!r}, but the first "
+            f"records of {files[0]} hold {seen_key!r} ({TURN_FORMATS[seen][0]}): set its format to {seen} "
+            f"(`--format {seen}` with --input)"
+        )
+
+
 def list_files(source: SourceSpec) -> list[str]:
     """The files a source reads (see `scan_source`)."""
     return scan_source(source).files

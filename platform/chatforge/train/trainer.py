@@ -166,6 +166,10 @@ def build_trainer(
     )
 
 
+class RunExistsError(ValueError):
+    """OUTPUT holds an earlier run's checkpoints, and the spec neither resumes nor overwrites it."""
+
+
 def checkpoint_storage(storage: str | None, output: str) -> tuple[str, str]:
     """(Ray Train's storage path, the run's name in it): OUTPUT/checkpoints and ``train`` by default; in a storage
     that runs share (``train.storage``), a name of this OUTPUT's own, the same each time, so ``train.resume`` finds
@@ -206,8 +210,15 @@ def run_training(
         raise TrainDataError("no training data: pass --data DIR (a curation output's data/) or set train.data")
     output = os.path.abspath(spec.train.output)
     storage, run_name = checkpoint_storage(spec.train.storage, output)
-    if not spec.train.resume:
-        # Ray Train restores a run found at its storage path; a new run must not silently continue an old one.
+    if not spec.train.resume and paths.isdir(paths.join(storage, run_name)):
+        # Ray Train restores a run found at its storage path: a new run must neither silently continue an old one nor
+        # silently delete its checkpoints
+        if not spec.train.overwrite:
+            raise RunExistsError(
+                f"{output} holds an earlier run's checkpoints ({paths.join(storage, run_name)}): pass --overwrite "
+                "(train.overwrite=true) to start afresh and delete them, train.resume=true to continue that run, or "
+                "another --output"
+            )
         remove_run(storage, run_name)
     os.makedirs(output, exist_ok=True)
     prepared = prepare_training_data(spec, progress=say)
