@@ -78,12 +78,21 @@ def test_json_reader_benchmark_measures_each_reader_in_its_own_process():
     assert all(row[r]["seconds"] >= 0 and row[r]["peak_mib"] >= 0 for r in ("chatforge", "chatforge_64k"))
 
 
-def test_serve_benchmark_smoke_run_serves_every_request():
-    figures = _bench("benchmarks/serve.py", "--requests", "4", "--max-tokens", "8", "--concurrency", "1,2")
-    assert figures["failed_requests"] == 0
+def test_serve_benchmark_smoke_run_serves_every_request_on_both_sides():
+    figures = _bench(
+        "benchmarks/serve.py",
+        *("--requests", "4", "--max-tokens", "8", "--concurrency", "1,2", "--peer", "transformers"),
+    )
+    assert figures["failed_requests"] == 0 and figures["config"] == "bare"
+    peer = figures["peer"]
+    assert peer["failed_requests"] == 0, peer["failures_sample"]
     for level in ("1", "2"):
-        assert figures["levels"][level]["requests"] == 4
-        assert figures["levels"][level]["completion_tokens"] == 4 * 8
+        for side in (figures["levels"][level], peer["levels"][level]):
+            assert side["requests"] == 4
+            assert side["completion_tokens"] == 4 * 8
+            assert side["cpu_ms_per_token"] > 0
+        assert set(figures["ratio"][level]) == {"tokens_per_s", "p50_ms", "p99_ms", "cpu_ms_per_token"}
+        assert figures["ratio"][level]["tokens_per_s"] > 0
     assert figures["direct"]["completion_tokens"] == 4 * 8 and figures["batching_gain"] > 0
 
 
