@@ -26,12 +26,11 @@ import urllib.request
 from contextlib import suppress
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers.corpus import write_sharegpt_jsonl  # noqa: E402
 from helpers.network import free_port  # noqa: E402
+from helpers.ray_head import stop_head  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -62,22 +61,6 @@ def start_head(temp_dir: Path, env: dict[str, str], token: str) -> str:
                 return url
         time.sleep(1.0)
     raise TimeoutError(f"the dashboard at {url} did not answer")
-
-
-def stop_head(temp_dir: Path) -> None:
-    """SIGTERM every process whose command line names the head's temp dir, SIGKILL what is left after 15 s."""
-    processes = []
-    for process in psutil.process_iter(["cmdline"]):
-        with suppress(psutil.Error):
-            if any(str(temp_dir) in part for part in process.info["cmdline"] or []):
-                processes.append(process)
-    for process in processes:
-        with suppress(psutil.NoSuchProcess):
-            process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=15)
-    for process in alive:
-        with suppress(psutil.NoSuchProcess):
-            process.kill()
 
 
 def submit(dashboard: str, temp_dir: Path, env: dict[str, str]) -> str:
@@ -157,7 +140,7 @@ def main() -> None:
         screenshot(dashboard, token, job_id, path)
         print(path)
     finally:
-        stop_head(temp_dir)
+        stop_head(str(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from test_cli_curate import chatforge
 
-from helpers.network import free_port
+from helpers.network import free_port, wait_healthy
 from helpers.tiny_model import save_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -55,16 +55,7 @@ def test_serve_answers_then_stops_on_sigterm(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, process.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no /healthz within 180 s"
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+        wait_healthy(url, process)
         answer = httpx.post(
             f"{url}/v1/chat/completions",
             json={"model": "from-spec", "messages": [{"role": "user", "content": "hi there"}]},

@@ -8,14 +8,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 import yaml
 
 from helpers.corpus import conversation, sharegpt_record
-from helpers.network import free_port
+from helpers.network import free_port, wait_healthy
 from helpers.tiny_model import save_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -55,16 +53,7 @@ def server(tmp_path_factory):
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert process.poll() is None, (tmp / "serve.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no /healthz within 180 s"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
+    wait_healthy(url, process, tmp / "serve.log")
     yield {"url": url, "process": process, "store": tmp / "feedback.db", "log": tmp / "serve.log"}
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
