@@ -34,6 +34,11 @@ def test_train_command_end_to_end(tmp_path):
     assert summary["config"]["train"]["data"] == [{"path": str(data), "weight": 1.0, "tag": "chat"}]
     assert (out / "model" / "model.safetensors").exists()
     assert (out / "metrics.jsonl").read_text().count("\n") >= 3
+    # the model card: its figures are training.json's and the curation manifest's
+    card = (out / "model" / "README.md").read_text()
+    final = summary["final_metrics"]
+    assert f"| step | {final['step']} |" in card and f"| loss | {final['loss']:.4g} |" in card
+    assert f"| `{data}` | 1 | chat |" in card and f"`{summary['fingerprint']}`" in card
     # the command's MLflow run: rank 0 logged each step's loss as it trained; the data is an input by fingerprint
     import mlflow
 

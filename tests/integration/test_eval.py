@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from chatforge.cards import CARD, figure, training_card, write_card
 from chatforge.config import DEFAULT_MODEL, load_spec
 from chatforge.data.schema import MESSAGE_TYPE
 from chatforge.eval.perplexity import model_perplexity
@@ -82,6 +83,8 @@ def evaluated(ray_local, tmp_path_factory):
         + "\nnot json\n"
     )
     baseline = shutil.copytree(model, root / "baseline")  # a separate dir: generated and measured on its own
+    summary = {"model_dir": str(model), "final_metrics": {"step": 20, "loss": 3.1}, "fingerprint": "fp"}
+    write_card(str(model), training_card(load_spec(None, TINY), summary))  # as training leaves it
     prompts = root / "prompts.jsonl"
     shipped = DEFAULT_PROMPTS.read_text().splitlines()[:5]
     prompts.write_text("\n".join(shipped + [json.dumps({"id": "long", "category": "long", "prompt": LONG_PROMPT})]))
@@ -101,6 +104,18 @@ def test_files_are_written_whole(evaluated):
     assert json.loads((out / "eval.json").read_text()) == result.data
     assert result.report_html == str(out / "report.html") and result.passed is True
     assert any("perplexity" in p for p in phases) and any("generating" in p for p in phases)
+
+
+def test_the_model_card_gets_the_evaluations_figures(evaluated):
+    result, root, _, phases = evaluated
+    card = (root / "train" / "model" / CARD).read_text()
+    data, baseline = result.data, result.data["baseline"]
+    assert f"From `{root / 'out' / 'eval.json'}`" in card
+    for key in ("perplexity", "toxicity_rate", "refusal_rate"):
+        assert f"| {key} | {figure(data[key])} | {figure(baseline[key])} |" in card
+    assert f"Gate against `{baseline['model_dir']}`: **passed**." in card
+    assert f"{data['bias']['probes']} templated probes" in card
+    assert any("model card" in p for p in phases)
 
 
 def test_perplexity_is_the_held_out_figure_for_model_and_baseline(evaluated):

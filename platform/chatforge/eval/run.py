@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import chatforge
+from chatforge.cards import CARD, add_evaluation
 from chatforge.config import EvalSpec, Spec, resolved
 from chatforge.eval.attribution import explain
 from chatforge.eval.gate import evaluate_gate
@@ -321,4 +322,6 @@ def run_evaluation(
     page = render_report(result)
     write_atomic(os.path.join(output, EVAL_JSON), json.dumps(result, indent=2, allow_nan=False) + "\n")
     write_atomic(os.path.join(output, REPORT_HTML), page)
+    if add_evaluation(model_dir, result, os.path.join(output, EVAL_JSON)):
+        say(f"model card: {os.path.join(model_dir, CARD)}")
     return EvalResult(output, os.path.join(output, EVAL_JSON), os.path.join(output, REPORT_HTML), result)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import chatforge
 from chatforge import storage as paths
+from chatforge.cards import training_card, write_card
 from chatforge.config import Spec, resolved
 from chatforge.files import write_atomic
 from chatforge.train.data import (
@@ -248,12 +249,6 @@ def run_training(
     with result.checkpoint.as_directory() as directory:
         export_dirs(directory, output, (MODEL_DIR, ADAPTER_DIR))
         shutil.copyfile(os.path.join(directory, METRICS_FILE), os.path.join(output, METRICS_FILE))
-    if spec.train.model_uri:
-        say(f"copying the model to {spec.train.model_uri}")
-        for name in (MODEL_DIR, ADAPTER_DIR):
-            if os.path.isdir(os.path.join(output, name)):
-                target = spec.train.model_uri if name == MODEL_DIR else paths.join(spec.train.model_uri, name)
-                paths.copy_dir(os.path.join(output, name), target)
     fingerprints = [data_fingerprint(d) for d in prepared.data_dirs]
     summary = {
         "model_dir": os.path.join(output, MODEL_DIR),
@@ -264,7 +259,7 @@ def run_training(
         "data_fingerprints": fingerprints,
         "wall_seconds": round(time.perf_counter() - started, 3),
         # where the wall time went: tokenizer and data preparation, Ray Train's fit (worker start, the steps, the
-        # final checkpoint), the copy of the exported model into OUTPUT
+        # final checkpoint), the copy of the exported model into OUTPUT (not the copy to train.model_uri)
         "phases": {
             **{name: round(seconds, 3) for name, seconds in phases.items()},
             "export_s": round(time.perf_counter() - export_started, 3),
@@ -274,5 +269,12 @@ def run_training(
         "chatforge_version": chatforge.__version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    write_card(summary["model_dir"], training_card(spec, summary))
+    if spec.train.model_uri:  # the card goes with the model
+        say(f"copying the model to {spec.train.model_uri}")
+        for name in (MODEL_DIR, ADAPTER_DIR):
+            if os.path.isdir(os.path.join(output, name)):
+                target = spec.train.model_uri if name == MODEL_DIR else paths.join(spec.train.model_uri, name)
+                paths.copy_dir(os.path.join(output, name), target)
     write_atomic(os.path.join(output, "training.json"), json.dumps(summary, indent=2))
     return TrainingResult(output=output, summary=summary)
