@@ -478,6 +478,11 @@ class VariantSpec(Strict):
         None, description="an exported model (chatforge train's OUTPUT/model): a dir, or an s3:// URI (train.model_uri)"
     )
     weight: float = Field(1.0, ge=0, description="share of traffic, relative to the other variants")
+    tag: str | None = Field(
+        None,
+        description="the dataset tag (train.data[].tag) whose conversations this model should continue: rendered at "
+        "the head of every request's system prompt as training rendered it; None: requests go as clients send them",
+    )
     engine: EngineSpec = EngineSpec()
     autoscaling: AutoscalingSpec = AutoscalingSpec()
     num_cpus: float = Field(1.0, gt=0, description="CPUs per replica")

@@ -356,3 +356,24 @@ def test_reweighting_moves_only_the_users_in_the_shares_that_changed():
 def test_bad_weights_are_refused_with_what_is_wrong(weights, message):
     with pytest.raises(ValueError, match=message):
         reweighted(_variants(main=1, canary=0), weights)
+
+
+def test_a_variants_training_tag_reaches_its_model_as_training_rendered_it():
+    """A model trained on tagged conversations sees its tag at the head of the system prompt; a served variant with
+    that tag gives its model the same, whatever the client sends."""
+    from types import SimpleNamespace
+
+    from chatforge.config import VariantSpec
+    from chatforge.data.augment import with_tag
+    from chatforge.serve.app import ChatIngress
+
+    ingress = SimpleNamespace(
+        variants={"tagged": VariantSpec(name="tagged", tag="support"), "plain": VariantSpec(name="plain")}
+    )
+    model_messages = ChatIngress.func_or_class._model_messages
+    asked = [{"role": "user", "content": "my order is late"}]
+    assert model_messages(ingress, "tagged", asked) == with_tag(asked, "support")
+    assert model_messages(ingress, "tagged", asked)[0]["role"] == "system"
+    own = [{"role": "system", "content": "Be brief."}, *asked]
+    assert model_messages(ingress, "tagged", own)[0]["content"].endswith("Be brief.")
+    assert model_messages(ingress, "plain", asked) == asked

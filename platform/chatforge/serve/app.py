@@ -243,6 +243,13 @@ class ChatIngress:
                 type="not_found_error",
             ) from None
 
+    def _model_messages(self, variant: str, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """What the variant's model is given: the client's messages, with the variant's training tag at the head of
+        the system prompt (`with_tag`, as training rendered it). The store and the guard keep what the client sent."""
+        from chatforge.data.augment import with_tag
+
+        return with_tag(messages, self.variants[variant].tag)
+
     def _params(self, body: ChatCompletionRequest, variant: str) -> SamplingParams:
         engine = self.variants[variant].engine
         asked = body.requested_max_tokens()
@@ -364,7 +371,9 @@ class ChatIngress:
         if verdict_in.blocked:
             return self._refusal(body, completion_id, created, variant, headers)
         left = deadline - asyncio.get_running_loop().time()
-        request = GenerationRequest(completion_id, messages, params, timeout_s=max(left, 0.001))
+        request = GenerationRequest(
+            completion_id, self._model_messages(variant, messages), params, timeout_s=max(left, 0.001)
+        )
         if body.stream:
             return await self._stream(body, request, variant, record, verdict_in, started, created, headers, deadline)
         text, finish, logprobs, result = await self._generate(record, request, verdict_in, started, deadline)
@@ -609,7 +618,9 @@ class ChatIngress:
         engine = self.variants[variant].engine
         params = SamplingParams(max_tokens=engine.default_max_tokens)
         left = deadline - asyncio.get_running_loop().time()
-        request = GenerationRequest(record["id"], messages, params, timeout_s=max(left, 0.001))
+        request = GenerationRequest(
+            record["id"], self._model_messages(variant, messages), params, timeout_s=max(left, 0.001)
+        )
         text, *_ = await self._generate(record, request, verdict_in, started, deadline)
         return record["id"], text
 
