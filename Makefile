@@ -2,8 +2,11 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
-# CPU wheel by default (it lies on disk on our CI machines); GPU hosts: make setup TORCH_SPEC="torch==2.13.0"
+# torch from the configured index: the CPU wheel where the index holds it (our CI machines); PyPI's Linux wheel is
+# the CUDA 12 build. A CPU-only host off PyPI: make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu; a GPU
+# host wanting a given CUDA: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128 (docs/operations.md).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
 export RAY_USAGE_STATS_ENABLED := 0
@@ -30,7 +33,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first: a plain `torch` requirement would pull a multi-GB CUDA build
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# deepspeed's sdist imports torch at build time: build it against the torch just installed
 	$(BIN)/python -m pip install -q setuptools wheel
 	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
