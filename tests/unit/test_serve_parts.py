@@ -377,3 +377,21 @@ def test_a_variants_training_tag_reaches_its_model_as_training_rendered_it():
     own = [{"role": "system", "content": "Be brief."}, *asked]
     assert model_messages(ingress, "tagged", own)[0]["content"].endswith("Be brief.")
     assert model_messages(ingress, "plain", asked) == asked
+
+
+def test_serve_quickstart_yaml_is_the_app_chatforge_serve_starts_from_the_quickstart_spec():
+    """`serve run serve/quickstart.yaml` and `chatforge serve pipelines/quickstart.yaml` serve the same settings."""
+    from pathlib import Path
+
+    import yaml
+
+    from chatforge.config import ServeSpec, load_spec
+
+    root = Path(__file__).resolve().parents[2]
+    args = yaml.safe_load((root / "serve" / "quickstart.yaml").read_text())["applications"][0]["args"]
+    from_yaml = ServeSpec.model_validate(args).model_dump()
+    from_spec = load_spec(str(root / "pipelines" / "quickstart.yaml"), []).serve.model_dump()
+    for spec in (from_yaml, from_spec):
+        for variant in spec["variants"]:
+            variant.pop("model")  # serve run names the trained model's dir; chatforge serve takes --model
+    assert from_yaml == from_spec
