@@ -4,7 +4,8 @@ Each entry says what it does and why, what it buys (measured; docs/compat.md), a
 change. Each checks every private name it touches before relying on it, and outside its checked versions, or
 when a name is missing, it falls back to the library's own behaviour with a warning. ``tests/unit/test_compat.py``
 holds a canary per entry that fails when upstream changes shape, so a version bump shows which entry to revisit.
-``CHATFORGE_COMPAT_DISABLE=entry,entry`` turns entries off (``all``: every one), leaving the library's own behaviour:
+``CHATFORGE_COMPAT_DISABLE=entry,entry`` turns the patches off (``all``: every one), leaving the library's own behaviour
+(``cache_layers`` is a check the engine cannot do without, not a patch: it stays on):
 the way to rule chatforge's patches out when something misbehaves, and how ``benchmarks/compat.py`` measures them.
 
 | entry                        | library      | checked       | without it                                          |

@@ -93,7 +93,7 @@ def init_ray(spec: RaySpec, idle_workers_per_cpu: int = 2) -> str | None:
             os.environ.setdefault(name, value)
         # Arrow's default allocator, mimalloc, keeps what a task freed; jemalloc hands freed pages back to the OS
         # (docs/benchmarks.md). Workers of a local Ray inherit this; a submitted job carries it in its runtime_env
-        # (`chatforge.jobs`), and on a cluster the nodes' environment can set it too (cluster/).
+        # (`chatforge.jobs`), and on a cluster the nodes' environment can set it too.
         for name, value in ARROW_ENV.items():
             os.environ.setdefault(name, value)
         # In this thread: Ray ties the processes it starts to the life of the thread that started them.

@@ -279,3 +279,22 @@ def test_the_condition_step_regenerates_earlier_assistant_turns_of_any_source(ra
             j: original[j]["content"] for j in range(1, len(original) - 1, 2)
         }
         assert row["toxicity"] is not None  # scored after conditioning
+
+
+def test_compat_block_refs_lists_the_blocks_that_hold_rows_and_its_fallback_lists_all(ray_local, monkeypatch):
+    """The canary of compat.block_refs (Ray Data's RefBundle shape, a DeveloperAPI): the rows survive, empty blocks
+    are left out; switched off, every block's ref (to_arrow_refs) carries the same rows."""
+    import ray.data
+
+    from chatforge import compat
+
+    ds = ray.data.range(40, override_num_blocks=4).filter(lambda row: row["id"] < 5).materialize()
+
+    def rows(refs):
+        return sorted(v for ref in refs for v in ray.get(ref).column("id").to_pylist())
+
+    refs = compat.block_refs(ds)
+    assert rows(refs) == list(range(5)) and all(ray.get(ref).num_rows for ref in refs)
+    assert len(refs) < 4  # the blocks the filter emptied are left out
+    monkeypatch.setenv("CHATFORGE_COMPAT_DISABLE", "block_refs")
+    assert rows(compat.block_refs(ds)) == list(range(5))

@@ -32,6 +32,8 @@ import pyarrow.compute as pc
 import ray.data
 from ray.data import Dataset
 
+from chatforge.compat import block_refs
+
 logger = logging.getLogger(__name__)
 
 ADJACENT, MESSAGE, LABEL = 0, 1, 2
@@ -82,13 +84,6 @@ def without_empty_blocks(ds: Dataset) -> Dataset:
     """
     refs = block_refs(ds)
     return ray.data.from_arrow_refs(refs) if refs else ray.data.from_arrow(WORK_SCHEMA.empty_table())
-
-
-def block_refs(ds: Dataset) -> list:
-    """The object refs of a materialized ``ds``'s blocks that hold rows."""
-    return [
-        entry.ref for bundle in ds.iter_internal_ref_bundles() for entry in bundle.blocks if entry.metadata.num_rows
-    ]
 
 
 def _work_rows(kind: int, node, neighbour=None, label=None) -> pa.Table:

@@ -110,7 +110,8 @@ class EndpointAnswers:
         if response.status_code in (401, 403):
             env = endpoint.api_key_env
             hint = (
-                f"set {env} to a key it accepts on every node that runs curation (a job's runtime_env env_vars)"
+                f"set {env} to a key it accepts on every node that runs curation (the nodes' environment: on KubeRay, "
+                "a Secret in the pod spec)"
                 if env
                 else "set curate.condition.endpoint.api_key_env to the env var holding its key"
             )

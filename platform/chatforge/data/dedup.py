@@ -74,11 +74,11 @@ import xxhash
 from ray.data import Dataset
 from ray.data.expressions import col
 
+from chatforge.compat import block_refs
 from chatforge.config import DedupSpec
 from chatforge.data.components import (
     PARTITION_BYTES,
     block_components,
-    block_refs,
     connected_components,
     hash_partitioned,
     partitions_for,
