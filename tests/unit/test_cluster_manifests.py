@@ -396,3 +396,17 @@ def test_the_scanner_lets_placeholders_and_references_through():
         "token: <the token from ray get-auth-token>",
     ]
     assert key_shaped("\n".join(clean)) == []
+
+
+def test_the_gpu_groups_hold_every_serving_replica_at_its_max():
+    """serve/production.yaml's variants at max_replicas fit the GPU worker groups (one 1-GPU replica per node)."""
+    production = yaml.safe_load((ROOT / "serve" / "production.yaml").read_text())
+    variants = production["applications"][0]["args"]["variants"]
+    most = sum(v["autoscaling"]["max_replicas"] * v["num_gpus"] for v in variants)
+    launcher = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    assert launcher["available_node_types"]["gpu-1x"]["max_workers"] >= most
+    types = launcher["available_node_types"].values()
+    assert launcher["max_workers"] >= sum(t.get("max_workers", 0) for t in types)  # the cluster cap leaves room
+    kuberay = yaml.safe_load((ROOT / "cluster" / "kuberay" / "raycluster.yaml").read_text())
+    (gpu,) = [group for group in kuberay["spec"]["workerGroupSpecs"] if group["groupName"] == "gpu"]
+    assert gpu["maxReplicas"] >= most
