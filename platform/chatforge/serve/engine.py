@@ -397,8 +397,9 @@ class Engine:
 
 
 def offline_engine(model_dir: str | Path, spec: EngineSpec, num_cpus: float) -> Engine:
-    """The engine for a Ray actor that reserved ``num_cpus`` CPUs (batch inference: eval, conditioning). Ray starts
-    workers with one torch thread; unless ``spec.torch_threads`` says otherwise, the actor uses its CPUs."""
+    """The engine for a Ray actor or Serve replica that reserved ``num_cpus`` CPUs (a serving replica; batch
+    inference: eval, conditioning). Ray starts workers with one torch thread; unless ``spec.torch_threads`` says
+    otherwise, the engine uses the whole CPUs reserved (at least one)."""
     if spec.torch_threads is None:
         spec = spec.model_copy(update={"torch_threads": max(1, int(num_cpus))})
     return Engine(model_dir, spec)

@@ -69,14 +69,12 @@ class ModelReplica:
 
     def __init__(self, variant: VariantSpec) -> None:
         from chatforge.compat import quiet_serve_batch_warning
-        from chatforge.serve.engine import Engine
+        from chatforge.serve.engine import offline_engine
         from chatforge.serve.metrics import ServeMetrics
 
         self.name = variant.name
         engine_spec = variant.engine
-        if engine_spec.torch_threads is None:  # Ray gives fractional-CPU workers one thread; say it explicitly
-            engine_spec = engine_spec.model_copy(update={"torch_threads": max(1, round(variant.num_cpus))})
-        self.engine = Engine(local_model(variant.model), engine_spec)
+        self.engine = offline_engine(local_model(variant.model), engine_spec, variant.num_cpus)
         self.metrics = ServeMetrics()
         self._pumps: dict[str, asyncio.Task] = {}
         # A batch call lasts as long as its longest answer; letting batches overlap (each request is one at most)
