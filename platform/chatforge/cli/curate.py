@@ -15,7 +15,7 @@ from chatforge.config import ReadSpec, SourceSpec, SpecError
 FORMAT_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "openai", ".ndjson": "openai", ".json": "sharegpt"}
 
 
-def _inputs_as_sources(inputs: list[str], fmt: str | None, read: ReadSpec) -> list[SourceSpec]:
+def _inputs_as_sources(inputs: list[str], fmt: str | None, read: ReadSpec | None = None) -> list[SourceSpec]:
     from chatforge.data.sources import compression, file_suffix
 
     sources: list[SourceSpec] = []
@@ -25,7 +25,7 @@ def _inputs_as_sources(inputs: list[str], fmt: str | None, read: ReadSpec) -> li
         if chosen is None:
             fail(f"--input {path}: cannot tell its format from the name; pass --format sharegpt|openai|parquet")
         if fmt is None and chosen != "parquet":
-            chosen = _sniffed(path, chosen, read)
+            chosen = _sniffed(path, chosen, read or ReadSpec())
         base = Path(path).stem if compression(path) else Path(path).name  # "a.jsonl.gz" -> "a.jsonl"
         name = Path(base).stem or f"input{number}"
         if any(s.name == name for s in sources):
