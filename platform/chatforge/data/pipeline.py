@@ -464,7 +464,9 @@ def run_curation(
 
 
 def local_twin_root() -> str:
-    """Where a curation whose OUTPUT is in an object store writes before publishing: ``$CHATFORGE_CACHE_DIR/curate``
-    (default ``~/.cache/chatforge/curate``). On several nodes it must be a directory every node sees, as a local
+    """Where a curation whose OUTPUT is in an object store writes before publishing: chatforge's cache dir
+    (`train.pretrained.cache_dir`, as the model downloads use) + ``curate``. On several nodes it must be a directory every node sees, as a local
     OUTPUT must be: Ray Data's write tasks and dedup's staged rows run on any node."""
-    return os.path.join(os.environ.get("CHATFORGE_CACHE_DIR") or os.path.expanduser("~/.cache/chatforge"), "curate")
+    from chatforge.train.pretrained import cache_dir
+
+    return str(cache_dir() / "curate")

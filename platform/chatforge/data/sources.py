@@ -125,6 +125,11 @@ def scan_source(source: SourceSpec) -> SourceFiles:
     return SourceFiles(sorted(found), sorted(skipped))
 
 
+def is_json_array(path: str) -> bool:
+    """Whether a file holds one JSON array (a ".json" file opening with "["), not a record a line."""
+    return file_suffix(path) not in JSONL_SUFFIXES and _first_significant_byte(path) == b"["
+
+
 SNIFF_RECORDS = 20  # records a format is told from
 
 
@@ -132,10 +137,7 @@ def first_records(path: str, read: ReadSpec, limit: int = SNIFF_RECORDS) -> list
     """The first ``limit`` records of a JSONL or JSON-array file that parse (a bad line is skipped)."""
     import itertools
 
-    if file_suffix(path) not in JSONL_SUFFIXES and _first_significant_byte(path) == b"[":
-        lines = iter_json_elements(path, read)
-    else:
-        lines = iter_jsonl_stream(path, read)
+    lines = iter_json_elements(path, read) if is_json_array(path) else iter_jsonl_stream(path, read)
     found = []
     for _, text, error in itertools.islice(lines, 4 * limit):
         if error is None:
@@ -579,9 +581,7 @@ class ConversationFiles:
                 _check_parquet(path, self.source)
                 fn = functools.partial(_parquet_task, path, self.source.name, self.read, self.role_map, self.counts_dir)
                 planned.append(ReadTask(fn, size, _task_key(path, 0), path))
-            elif self.source.format == "chitchat" or (
-                file_suffix(path) not in JSONL_SUFFIXES and _first_significant_byte(path) == b"["
-            ):
+            elif self.source.format == "chitchat" or is_json_array(path):
                 planned.append(ReadTask(functools.partial(_json_task, path, *args), size, _task_key(path, 0), path))
             elif compression(path) is not None:
                 fn = functools.partial(_jsonl_task, path, 0, None, *args)
