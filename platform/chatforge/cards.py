@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 
-from chatforge import storage
 from chatforge.files import write_atomic
 
 CARD = "README.md"
@@ -43,13 +42,14 @@ LIMITATIONS = [
 def curation_lineage(data_dir: str) -> dict[str, Any]:
     """One training dataset's lineage from its curation's manifest (beside ``data_dir``); the path alone without
     one."""
-    manifest_path = storage.join(storage.dirname(data_dir), "manifest.json")
-    if not storage.isfile(manifest_path):
+    from chatforge.train.data import manifest_path, read_manifest
+
+    manifest = read_manifest(data_dir)
+    if manifest is None:
         return {"path": data_dir, "manifest": None}
-    manifest = json.loads(storage.read_text(manifest_path))
     return {
         "path": data_dir,
-        "manifest": manifest_path,
+        "manifest": manifest_path(data_dir),
         "fingerprint": manifest.get("fingerprint"),
         "sources": [
             {"name": s["name"], "format": s["format"], "files": len(s.get("files") or [])}

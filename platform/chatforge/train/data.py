@@ -70,7 +70,7 @@ def resolve_data_dir(path: str) -> str:
     for split in ("train", "val"):
         if not storage.isdir(storage.join(directory, split)):
             raise TrainDataError(f"{path}: no {split}/ split here; pass a curation output's data/ directory")
-    manifest = storage.join(storage.dirname(directory), "manifest.json")
+    manifest = manifest_path(directory)
     if not storage.isfile(manifest):
         raise TrainDataError(
             f"{path}: no {manifest}, so this is not a finished curation's output (a curation run that failed or was "
@@ -79,11 +79,19 @@ def resolve_data_dir(path: str) -> str:
     return directory
 
 
+def manifest_path(data_dir: str) -> str:
+    """The curation manifest beside a data/ dir."""
+    return storage.join(storage.dirname(data_dir), "manifest.json")
+
+
+def read_manifest(data_dir: str) -> dict | None:
+    """The curation manifest beside a data/ dir; None without one."""
+    manifest = manifest_path(data_dir)
+    return json.loads(storage.read_text(manifest)) if storage.isfile(manifest) else None
+
+
 def data_fingerprint(data_dir: str) -> str | None:
-    manifest = storage.join(storage.dirname(data_dir), "manifest.json")
-    if not storage.isfile(manifest):
-        return None
-    return json.loads(storage.read_text(manifest)).get("fingerprint")
+    return (read_manifest(data_dir) or {}).get("fingerprint")
 
 
 def combined_fingerprint(fingerprints: list[str | None]) -> str | None:
